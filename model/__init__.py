@@ -1,0 +1,1 @@
+"""GR3D: architecture, region insertion, data loading from shards, trainer, evaluator."""

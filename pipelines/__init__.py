@@ -1,0 +1,1 @@
+"""Corpus builders: sources, stages, executors (Ray, Beam), geometry, the sample world, the audit."""

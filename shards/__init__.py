@@ -1,0 +1,1 @@
+"""WebDataset shard I/O: atomic writer, manifest, reader, verify."""
