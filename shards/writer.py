@@ -1,0 +1,494 @@
+"""The shard writer: one chunk of inputs -> one byte-reproducible WebDataset tar plus its side files.
+
+Output of chunk `i` (NNNNNN = i zero-padded to 6 digits), all under `build_dir/shards/`:
+`NNNNNN.tar`, `NNNNNN.index.parquet` (one row per sample), `NNNNNN.rejects.parquet` and, LAST,
+`NNNNNN.stats.json`: a chunk is done exactly when its stats file exists, so an interrupted run is
+resumed by redoing every chunk without one (`is_done`, `clean_partial`).
+
+Determinism (DESIGN.md): the tar's bytes depend only on the samples' content. Samples are sorted
+by key at close whatever the order of `add`; every member has mtime 0, uid/gid 0, empty
+uname/gname, mode 0o644, PAX format; records are canonical JSON (`shards.jsonio`); arrays are
+`np.save` of C-ordered data; the Parquet files have a fixed Arrow schema and writer options.
+Each file is written to a temp name in the same directory, fsynced and renamed, so a reader
+never sees half a file.
+
+While adding, each sample's tar bytes are spooled to an anonymous temp file (not kept in RAM);
+`close` copies them in key order into the final tar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import re
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import records
+from shards import jsonio
+from shards.keys import InvalidKey, validate_key
+
+__all__ = [
+    "IMAGE_EXTS", "INDEX_SCHEMA", "REJECTS_SCHEMA", "Sample", "SampleError", "ShardWriter", "atomic_write", "check_sample",
+    "clean_partial", "index_path", "is_done", "member_names", "rejects_path", "shard_name", "shards_dir",
+    "stats_path", "tar_path", "tar_member_bytes", "tar_trailer", "write_parquet",
+]
+
+SHARD_DIGITS = 6
+IMAGE_EXTS = ("jpg", "png")
+ARRAY_NAME = re.compile(r"[a-z0-9_]+")
+TAR_FORMAT = tarfile.PAX_FORMAT
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads archives to this, so do we
+_MAGIC = {"jpg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}
+# A module global, looked up at each call, so a test can swap it to write a deliberately broken record.
+validate_record: Callable[[str, Any], None] = records.validate
+
+INDEX_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("shard", pa.int32(), nullable=False),
+    pa.field("corpus", pa.string(), nullable=False),
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("image_ext", pa.string(), nullable=False),
+    pa.field("image_bytes", pa.int64(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("n_objects", pa.int32()),
+    pa.field("n_points", pa.int64()),
+    pa.field("n_mentions", pa.int32()),
+    pa.field("offset", pa.int64(), nullable=False),  # byte offset of the sample's first member header in the tar
+    pa.field("size", pa.int64(), nullable=False),  # bytes of all its members (headers + padded data)
+])
+REJECTS_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("shard", pa.int32(), nullable=False),
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("message", pa.string(), nullable=False),
+])
+
+
+class SampleError(ValueError):
+    """A sample cannot go into a shard (bad key, duplicate, record/image/array mismatch); names the key."""
+
+
+@dataclass
+class Sample:
+    """One image and everything that goes with it: `KEY.json`, `KEY.<image_ext>`, `KEY.NAME.npy`."""
+
+    key: str
+    image_bytes: bytes
+    image_ext: str
+    record: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- paths
+
+
+def shard_name(index: int) -> str:
+    """`7` -> `"000007"`."""
+    if isinstance(index, bool) or not isinstance(index, int | np.integer) or index < 0 or index >= 10**SHARD_DIGITS:
+        raise ValueError(f"shard index must be an int in [0, {10**SHARD_DIGITS}), got {index!r}")
+    return f"{int(index):0{SHARD_DIGITS}d}"
+
+
+def shards_dir(build_dir: str | os.PathLike[str]) -> Path:
+    return Path(build_dir) / "shards"
+
+
+def tar_path(build_dir: str | os.PathLike[str], index: int) -> Path:
+    return shards_dir(build_dir) / f"{shard_name(index)}.tar"
+
+
+def index_path(build_dir: str | os.PathLike[str], index: int) -> Path:
+    return shards_dir(build_dir) / f"{shard_name(index)}.index.parquet"
+
+
+def rejects_path(build_dir: str | os.PathLike[str], index: int) -> Path:
+    return shards_dir(build_dir) / f"{shard_name(index)}.rejects.parquet"
+
+
+def stats_path(build_dir: str | os.PathLike[str], index: int) -> Path:
+    return shards_dir(build_dir) / f"{shard_name(index)}.stats.json"
+
+
+def is_done(build_dir: str | os.PathLike[str], index: int) -> bool:
+    """True when chunk `index` finished: its stats.json exists and parses (it is written last) and its tar exists."""
+    sp = stats_path(build_dir, index)
+    try:
+        stats = jsonio.loads(sp.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(stats, dict) and tar_path(build_dir, index).is_file()
+
+
+def clean_partial(build_dir: str | os.PathLike[str], index: int, *, force: bool = False) -> list[Path]:
+    """Remove what an interrupted write of chunk `index` left, so a re-run redoes it.
+
+    Temp files of the chunk always go. The chunk's outputs go too when it is not done, or when
+    `force` (the writer does that before rewriting a chunk): the stats file first, so no moment
+    exists where an old completion marker sits beside a new tar. Returns the removed paths.
+    """
+    d = shards_dir(build_dir)
+    removed: list[Path] = []
+    if not d.is_dir():
+        return removed
+    name = shard_name(index)
+    for p in sorted(d.glob(f".{name}.*.tmp")):
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    if force or not is_done(build_dir, index):
+        for p in (stats_path(build_dir, index), tar_path(build_dir, index),
+                  index_path(build_dir, index), rejects_path(build_dir, index)):
+            if p.exists():
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+# ---------------------------------------------------------------- tar bytes
+
+
+def tar_member_bytes(name: str, data: bytes) -> bytes:
+    """Header + data + padding of one regular-file member, with the fixed metadata."""
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    ti.mtime = 0
+    ti.mode = 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    header = ti.tobuf(format=TAR_FORMAT, encoding="utf-8", errors="strict")
+    return header + data + b"\0" * (-len(data) % _BLOCK)
+
+
+def tar_trailer(body_size: int) -> bytes:
+    """End-of-archive blocks and padding, exactly as `tarfile` writes them."""
+    end = body_size + 2 * _BLOCK
+    return b"\0" * (2 * _BLOCK + (-end % _RECORD))
+
+
+def member_names(key: str, image_ext: str, array_names: Iterable[str]) -> list[str]:
+    """Member order of one sample: json, image, then arrays sorted by name."""
+    return [f"{key}.json", f"{key}.{image_ext}", *(f"{key}.{n}.npy" for n in sorted(array_names))]
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    if not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C")
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write via a temp file in the same directory, fsync, rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_parquet(path: Path, table: pa.Table) -> str:
+    """Deterministic Parquet (fixed options, no pandas metadata), written atomically; returns its sha256."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", compression_level=3, use_dictionary=False,
+                   write_statistics=True, version="2.6", data_page_version="1.0", store_schema=True)
+    data = buf.getvalue()
+    atomic_write(path, lambda f: f.write(data))
+    return hashlib.sha256(data).hexdigest()
+
+
+def _normalize_reject(r: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(r) and not isinstance(r, type):
+        d = dataclasses.asdict(r)
+    elif isinstance(r, Mapping):
+        d = dict(r)
+    else:
+        try:
+            d = {k: getattr(r, k) for k in ("key", "stage", "reason", "message")}
+        except AttributeError as e:
+            raise ValueError(f"reject {r!r} is not a mapping or a Reject-like object: {e}") from e
+    validate_record("reject", d)
+    return d
+
+
+def check_sample(s: Sample, rec: Mapping[str, Any], *, check_images: bool = True) -> None:
+    """Rules that tie a schema-valid record to the sample's other members (shared with `shards.verify`).
+
+    Record key = sample key; image ext, magic number and (with `check_images`) pixel size match
+    the record; declared arrays = present arrays, named `[a-z0-9_]+` (webdataset lower-cases
+    extensions); for point maps `points` is finite float32 (n, 5) with n = `points.n`.
+    Raises `SampleError` naming the key.
+    """
+    key = s.key
+    if rec.get("key") != key:
+        raise SampleError(f"sample {key!r}: record key {rec.get('key')!r} differs from the sample key")
+    if s.image_ext not in IMAGE_EXTS:
+        raise SampleError(f"sample {key!r}: image_ext {s.image_ext!r} is not one of {IMAGE_EXTS}")
+    if rec["image"]["ext"] != s.image_ext:
+        raise SampleError(f"sample {key!r}: record image.ext {rec['image']['ext']!r} != image_ext {s.image_ext!r}")
+    if not isinstance(s.image_bytes, bytes | bytearray | memoryview) or len(s.image_bytes) == 0:
+        raise SampleError(f"sample {key!r}: image_bytes must be non-empty bytes")
+    if not bytes(s.image_bytes[:8]).startswith(_MAGIC[s.image_ext]):
+        raise SampleError(f"sample {key!r}: image bytes are not a {s.image_ext} file (wrong magic number)")
+    if check_images:
+        _check_image_size(s, rec)
+    declared, present = set(rec["arrays"]), set(s.arrays)
+    if declared != present:
+        raise SampleError(f"sample {key!r}: record arrays {sorted(declared)} != sample arrays {sorted(present)}")
+    for n, a in s.arrays.items():
+        if not ARRAY_NAME.fullmatch(n):
+            raise SampleError(f"sample {key!r}: array name {n!r} must match [a-z0-9_]+")
+        if not isinstance(a, np.ndarray) or a.dtype.hasobject:
+            raise SampleError(f"sample {key!r}: array {n!r} must be a numeric numpy array")
+    if rec["corpus"] == "pointmap":
+        pts = s.arrays["points"]
+        if pts.dtype != np.float32 or pts.ndim != 2 or pts.shape[1] != 5:
+            raise SampleError(f"sample {key!r}: points must be float32 (N, 5) [u, v, X, Y, Z], got {pts.dtype} {pts.shape}")
+        if pts.shape[0] != rec["points"]["n"]:
+            raise SampleError(f"sample {key!r}: points.n = {rec['points']['n']} but the array has {pts.shape[0]} rows")
+        if not np.isfinite(pts).all():
+            raise SampleError(f"sample {key!r}: points hold non-finite values")
+
+
+def _check_image_size(s: Sample, rec: Mapping[str, Any]) -> None:
+    from PIL import Image  # header parse only; imported here since only writing and verifying need it
+
+    try:
+        with Image.open(io.BytesIO(bytes(s.image_bytes))) as im:
+            size = im.size
+    except Exception as e:  # any decoder failure means the bytes are unusable
+        raise SampleError(f"sample {s.key!r}: image bytes do not open as an image: {e}") from e
+    want = (rec["image"]["width"], rec["image"]["height"])
+    if size != want:
+        raise SampleError(f"sample {s.key!r}: image is {size[0]}x{size[1]} but the record says {want[0]}x{want[1]}")
+
+
+# ---------------------------------------------------------------- writer
+
+
+@dataclass
+class _Spooled:
+    key: str
+    spool_offset: int
+    size: int
+    row: dict[str, Any]
+
+
+class ShardWriter:
+    """Write chunk `index` of a build as `build_dir/shards/NNNNNN.tar` and its side files.
+
+    Use as a context manager: `add(Sample)` for every sample (any order), optionally
+    `add_reject(...)`, then `close(...)`. Leaving the block normally closes it; leaving it on an
+    exception discards everything, leaving no completion marker, so the chunk is redone.
+    Constructing a writer removes the chunk's previous outputs (stats first).
+    """
+
+    def __init__(self, build_dir: str | os.PathLike[str], index: int, *, check_images: bool = True):
+        self.build_dir = Path(build_dir)
+        self.index = int(index)
+        self.name = shard_name(index)
+        self.check_images = check_images
+        self._dir = shards_dir(build_dir)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        clean_partial(build_dir, index, force=True)
+        self._spool: IO[bytes] | None = tempfile.TemporaryFile(dir=self._dir, prefix=f".{self.name}.spool.",
+                                                                suffix=".tmp")
+        self._spooled: dict[str, _Spooled] = {}
+        self._rejects: list[dict[str, Any]] = []
+        self._closed = False
+        self.stats: dict[str, Any] | None = None
+
+    # -- context manager
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+    def __len__(self) -> int:
+        return len(self._spooled)
+
+    # -- adding
+    def add(self, sample: Sample) -> None:
+        """Check one sample against the contract and spool its tar members."""
+        self._check_open()
+        if not isinstance(sample, Sample):
+            raise SampleError(f"expected a shards.writer.Sample, got {type(sample).__name__}")
+        key = sample.key
+        try:
+            validate_key(key)
+        except InvalidKey as e:
+            raise SampleError(f"sample key rejected: {e}") from e
+        if key in self._spooled:
+            raise SampleError(f"duplicate key {key!r} in shard {self.name}")
+        rec = sample.record
+        if not isinstance(rec, Mapping):
+            raise SampleError(f"sample {key!r}: record must be a dict, got {type(rec).__name__}")
+        corpus = rec.get("corpus")
+        if corpus not in records.SAMPLE_KINDS:
+            raise SampleError(f"sample {key!r}: record corpus {corpus!r} is not one of {', '.join(records.SAMPLE_KINDS)}")
+        try:
+            plain = jsonio.to_jsonable(rec)
+            validate_record(corpus, plain)
+        except ValueError as e:
+            raise SampleError(f"sample {key!r}: {e}") from e
+        check_sample(sample, plain, check_images=self.check_images)
+
+        blob = b"".join(
+            [tar_member_bytes(f"{key}.json", jsonio.dumps(plain)),
+             tar_member_bytes(f"{key}.{sample.image_ext}", bytes(sample.image_bytes))]
+            + [tar_member_bytes(f"{key}.{n}.npy", _npy_bytes(sample.arrays[n])) for n in sorted(sample.arrays)]
+        )
+        assert self._spool is not None
+        off = self._spool.seek(0, os.SEEK_END)
+        self._spool.write(blob)
+        self._spooled[key] = _Spooled(key, off, len(blob), self._index_row(key, sample, plain))
+
+    def add_reject(self, reject: Any) -> None:
+        """Record an input (or part of one) that did not become a sample: key, stage, reason, message."""
+        self._check_open()
+        self._rejects.append(_normalize_reject(reject))
+
+    def _index_row(self, key: str, s: Sample, rec: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "key": key, "shard": self.index, "corpus": rec["corpus"], "dataset": rec["source"]["dataset"],
+            "image_ext": s.image_ext, "image_bytes": len(s.image_bytes),
+            "width": rec["image"]["width"], "height": rec["image"]["height"],
+            "n_objects": len(rec["objects"]) if "objects" in rec else None,
+            "n_points": rec["points"]["n"] if "points" in rec else None,
+            "n_mentions": len(rec["mentions"]) if "mentions" in rec else None,
+        }
+
+    # -- closing
+    def close(self, stats_extra: Mapping[str, Any] | None = None, *, rejects: Iterable[Any] = (),
+              n_input: int | None = None) -> dict[str, Any]:
+        """Write the tar, the index and rejects Parquet, then the stats file; return the stats.
+
+        `rejects`: reject rows (dicts or `pipelines.stage.Reject`) of this chunk, added to those from
+        `add_reject`. `n_input`: inputs of the chunk; when given, every input must be accounted for
+        as a sample or a rejected key (nothing is dropped silently). `stats_extra`: free-form
+        deterministic numbers stored under `extra`; a `timing` entry in it goes to the top-level
+        `timing`, which is never compared between runs.
+        """
+        self._check_open()
+        for r in rejects:
+            self._rejects.append(_normalize_reject(r))
+        rej = sorted(self._rejects, key=lambda r: (r["key"], r["stage"], r["reason"], r["message"]))
+        sample_keys = set(self._spooled)
+        rejected = {r["key"] for r in rej} - sample_keys
+        accounted = len(sample_keys) + len(rejected)
+        if n_input is None:
+            n_input = accounted
+        elif n_input > accounted:
+            raise ValueError(f"shard {self.name}: {n_input} inputs but only {len(sample_keys)} samples + {len(rejected)} "
+                             f"rejected keys: {n_input - accounted} inputs were dropped silently")
+        extra = dict(stats_extra or {})
+        timing = extra.pop("timing", None)
+
+        # 1. the tar
+        entries = [self._spooled[k] for k in sorted(self._spooled)]
+        sha = hashlib.sha256()
+        pos = 0
+        rows: list[dict[str, Any]] = []
+        spool = self._spool
+        assert spool is not None
+
+        def write_tar(f: IO[bytes]) -> None:
+            nonlocal pos
+            for e in entries:
+                spool.seek(e.spool_offset)
+                blob = spool.read(e.size)
+                if len(blob) != e.size:  # pragma: no cover - disk trouble
+                    raise OSError(f"spool file of shard {self.name} is truncated")
+                f.write(blob)
+                sha.update(blob)
+                rows.append(e.row | {"offset": pos, "size": e.size})
+                pos += e.size
+            trailer = tar_trailer(pos)
+            f.write(trailer)
+            sha.update(trailer)
+            pos += len(trailer)
+
+        atomic_write(tar_path(self.build_dir, self.index), write_tar)
+
+        # 2. index and rejects
+        index_sha = write_parquet(index_path(self.build_dir, self.index),
+                                  pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
+        rej_rows = [{"key": r["key"], "shard": self.index, "stage": r["stage"], "reason": r["reason"],
+                     "message": r["message"]} for r in rej]
+        rejects_sha = write_parquet(rejects_path(self.build_dir, self.index),
+                                    pa.Table.from_pylist(rej_rows, schema=REJECTS_SCHEMA))
+
+        # 3. the completion marker, last
+        stats: dict[str, Any] = {
+            "version": 1, "shard": self.index, "tar": f"{self.name}.tar", "sha256": sha.hexdigest(), "tar_bytes": pos,
+            "index_sha256": index_sha, "rejects_sha256": rejects_sha,
+            "n_input": int(n_input), "n_samples": len(entries), "n_rejected": len(rejected), "n_reject_rows": len(rej),
+            "by_corpus": dict(sorted(Counter(e.row["corpus"] for e in entries).items())),
+            "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rej).items())),
+        }
+        if extra:
+            stats["extra"] = extra
+        if timing is not None:
+            stats["timing"] = timing
+        stats = jsonio.to_jsonable(stats)
+        validate_record("shard_stats", stats)
+        data = jsonio.dumps(stats) + b"\n"
+        atomic_write(stats_path(self.build_dir, self.index), lambda f: f.write(data))
+        self._release()
+        self.stats = stats
+        return stats
+
+    def abort(self) -> None:
+        """Drop everything added; leaves no output and no completion marker for this chunk."""
+        self._release()
+        clean_partial(self.build_dir, self.index, force=True)
+
+    def _release(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"ShardWriter for shard {self.name} is already closed")
