@@ -1,0 +1,97 @@
+"""What every reader yields: plain item dicts, or read rejects with a reason; and file-level errors.
+
+Inputs are untrusted and huge, so one bad image or record must never stop a read: it becomes a
+`ReadReject` (key, stage="read", reason code, message) yielded in place of the item, and ends up in
+`rejects.parquet`. Only a failure of the whole file (truncated JSON, unsafe pickle) raises, as
+`SourceError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pipelines.stage import Reject
+
+__all__ = [
+    "Item",
+    "ReadReject",
+    "ReadResult",
+    "SourceError",
+    "PathEscapesRoot",
+    "read_reject",
+    "is_reject",
+    "split_results",
+    "resolve_under",
+    "relative_to_root",
+]
+
+Item = dict[str, Any]
+"""One readable input: JSON-able except numpy arrays, with "key", "source" {dataset, file, id}, "format"."""
+
+ReadReject = Reject
+"""A reject of the read stage: the same dataclass as `pipelines.stage.Reject` (key, stage, reason, message)."""
+
+ReadResult = Item | ReadReject
+
+
+class SourceError(RuntimeError):
+    """A whole input file is unusable (truncated JSON, unsafe pickle, wrong top-level shape)."""
+
+    def __init__(self, path: str | os.PathLike, message: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class PathEscapesRoot(ValueError):
+    """A path from an input file points outside the data root it must be resolved against."""
+
+
+def read_reject(key: str, reason: str, message: str) -> ReadReject:
+    """A reject row of stage "read"."""
+    return Reject(key=key, stage="read", reason=reason, message=message)
+
+
+def is_reject(x: object) -> bool:
+    return isinstance(x, Reject)
+
+
+def split_results(results: Iterable[ReadResult]) -> tuple[list[Item], list[ReadReject]]:
+    """Separate a reader's output into (items, rejects), keeping order."""
+    items, rejects = [], []
+    for r in results:
+        (rejects if isinstance(r, Reject) else items).append(r)
+    return items, rejects
+
+
+def resolve_under(root: str | os.PathLike, rel: object) -> Path:
+    """`root / rel`, normalised lexically; raises `PathEscapesRoot` if it leaves `root`.
+
+    Lexical on purpose: datasets are often symlinked into the data root (`datasets/SUNRGBD -> /mnt/...`),
+    so following links would refuse legitimate layouts; `..` and absolute paths are what is refused.
+    """
+    if not isinstance(rel, str) or not rel.strip():
+        raise PathEscapesRoot(f"path must be a non-empty string, got {rel!r}")
+    if "\x00" in rel:
+        raise PathEscapesRoot(f"path contains a NUL byte: {rel!r}")
+    base = os.path.normpath(os.path.abspath(os.fspath(root)))
+    full = os.path.normpath(os.path.join(base, rel))
+    if os.path.commonpath([base, full]) != base:
+        raise PathEscapesRoot(f"path {rel!r} escapes the data root {base}")
+    return Path(full)
+
+
+def relative_to_root(path: str | os.PathLike, root: str | os.PathLike | None) -> str:
+    """`path` relative to `root` when inside it (POSIX separators), else its file name.
+
+    Used for `source.file`: records must not carry machine-specific absolute paths, or the same
+    input would give different shards on different machines.
+    """
+    p = os.path.normpath(os.path.abspath(os.fspath(path)))
+    if root is not None:
+        base = os.path.normpath(os.path.abspath(os.fspath(root)))
+        if os.path.commonpath([base, p]) == base:
+            return Path(os.path.relpath(p, base)).as_posix()
+    return Path(p).name

@@ -1,0 +1,253 @@
+"""Omni3D annotation files (`{Dataset}_{split}.json`): one item per image, with its annotations.
+
+Written from `formats/omni3d.md`. Each annotation keeps its raw fields and gets `ignore` plus the
+list of `ignore_reasons` from the selectable ignore rules (default: the evaluation settings of
+`tools/train_net.py` + `configs/Base.yaml`), so a builder can drop ignored objects and the audit can
+count why. Several files are read as one dataset, as `cubercnn.data.Omni3D` concatenates them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.sources.common import (
+    PathEscapesRoot,
+    ReadResult,
+    SourceError,
+    read_reject,
+    relative_to_root,
+    resolve_under,
+)
+from schemas.camera import CameraError, validate_intrinsics
+from shards.keys import make_key
+
+__all__ = ["IgnoreRules", "EVAL_RULES", "TRAIN_RULES", "NO_RULES", "ignore_reasons", "read_omni3d", "load_omni3d_json"]
+
+IGNORE_NAMES = ("dontcare", "ignore", "void")
+_FILE_RE = re.compile(r"^(?P<dataset>.+)_(?P<split>train|val|test)\.json$")
+
+
+@dataclass(frozen=True)
+class IgnoreRules:
+    """Cube R-CNN's `is_ignore` thresholds. A threshold of None switches that rule off."""
+
+    visibility_thres: float | None = 0.3333
+    truncation_thres: float | None = 0.3333
+    min_height_thres: float | None = 0.0625
+    max_height_factor: float | None = 1.5
+    max_depth: float | None = 1e8
+    max_depth_error: float | None = 0.5
+    require_lidar_pts: bool = True
+    require_segmentation_pts: bool = True
+    ignore_names: tuple[str, ...] = field(default=IGNORE_NAMES)
+    use_trunc_box: bool = True  # TRUNC_2D_BOXES: the height rule measures bbox2D_trunc (else bbox2D_proj)
+
+
+EVAL_RULES = IgnoreRules()
+TRAIN_RULES = IgnoreRules(visibility_thres=0.25, truncation_thres=0.75, min_height_thres=0.05)
+NO_RULES = IgnoreRules(None, None, None, None, None, None, False, False, (), True)
+_PRESETS = {"eval": EVAL_RULES, "train": TRAIN_RULES, "none": NO_RULES}
+
+
+def _box4(x: object) -> list[float] | None:
+    """A valid [x1, y1, x2, y2] or None when absent (-1 / missing / malformed)."""
+    if not isinstance(x, list | tuple) or len(x) != 4:
+        return None
+    try:
+        v = [float(a) for a in x]
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(a) for a in v) or all(a == -1 for a in v) or v[2] < v[0] or v[3] < v[1]:
+        return None
+    return v
+
+
+def _num(x: object) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+def _malformed(ann: dict[str, Any]) -> str | None:
+    """Name of the first geometric field that cannot be used, or None."""
+    shapes = {"bbox3D_cam": (8, 3), "center_cam": (3,), "dimensions": (3,), "R_cam": (3, 3)}
+    for name, shape in shapes.items():
+        try:
+            a = np.asarray(ann.get(name), dtype=np.float64)
+        except (TypeError, ValueError):
+            return name
+        if a.shape != shape or not np.all(np.isfinite(a)):
+            return name
+    if not isinstance(ann.get("category_name"), str):
+        return "category_name"
+    return None
+
+
+def ignore_reasons(ann: dict[str, Any], image_height: float, rules: IgnoreRules = EVAL_RULES) -> list[str]:
+    """Why Cube R-CNN's `is_ignore` would ignore this annotation (empty list: keep it)."""
+    bad = _malformed(ann)
+    if bad:
+        return [f"malformed_{bad}"]
+    out = []
+    if ann.get("behind_camera") is True:
+        out.append("behind_camera")
+    if ann.get("valid3D") is False:
+        out.append("invalid_3d")
+    dims = [float(d) for d in ann["dimensions"]]
+    if any(d <= 0 for d in dims):
+        out.append("nonpositive_dimensions")
+    if rules.max_depth is not None and float(ann["center_cam"][2]) > rules.max_depth:
+        out.append("too_far")
+    if rules.require_lidar_pts and _num(ann.get("lidar_pts")) == 0:
+        out.append("no_lidar_points")
+    if rules.require_segmentation_pts and _num(ann.get("segmentation_pts")) == 0:
+        out.append("no_segmentation_points")
+    de = _num(ann.get("depth_error"))
+    if rules.max_depth_error is not None and de is not None and de > rules.max_depth_error:
+        out.append("depth_error")
+    box = (_box4(ann.get("bbox2D_trunc")) if rules.use_trunc_box else None) or _box4(ann.get("bbox2D_proj"))
+    if box is None:
+        out.append("no_2d_box")
+    else:
+        h = box[3] - box[1]
+        if rules.min_height_thres is not None and h <= rules.min_height_thres * image_height:
+            out.append("too_short")
+        if rules.max_height_factor is not None and h >= rules.max_height_factor * image_height:
+            out.append("too_tall")
+    tr = _num(ann.get("truncation"))
+    if rules.truncation_thres is not None and tr is not None and tr != -1 and tr >= rules.truncation_thres:
+        out.append("truncated")
+    vis = _num(ann.get("visibility"))
+    if rules.visibility_thres is not None and vis is not None and vis != -1 and vis <= rules.visibility_thres:
+        out.append("occluded")
+    if ann["category_name"] in rules.ignore_names:
+        out.append("ignore_category")
+    return out
+
+
+def load_omni3d_json(path: str | os.PathLike) -> dict[str, Any]:
+    """json.load with a clear `SourceError` for unreadable, truncated or wrongly shaped files."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise SourceError(path, f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SourceError(path, f"not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SourceError(path, f"invalid or truncated JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise SourceError(path, f"top level must be an object, got {type(data).__name__}")
+    if not isinstance(data.get("images"), list):
+        raise SourceError(path, "missing 'images' list")
+    if not isinstance(data.get("annotations", []), list):
+        raise SourceError(path, "'annotations' must be a list")
+    return data
+
+
+def _dataset_and_split(path: Path, data: dict[str, Any]) -> tuple[str, str]:
+    m = _FILE_RE.match(path.name)
+    if m:
+        return m.group("dataset"), m.group("split")
+    info = data.get("info")
+    info = info[0] if isinstance(info, list) and info else info
+    split = str(info.get("split", "")) if isinstance(info, dict) else ""
+    return path.stem, split
+
+
+def read_omni3d(
+    files: Sequence[str | os.PathLike],
+    data_root: str | os.PathLike,
+    rules: IgnoreRules | str = "eval",
+    check_files: bool = True,
+) -> Iterator[ReadResult]:
+    """Yield one item per image of the Omni3D files (in file order), or a reject saying why not.
+
+    `data_root` is the `datasets/` folder that `file_path` is relative to. `rules` is an `IgnoreRules`
+    or a preset name: "eval" (default), "train" (Base.yaml) or "none".
+    Item fields: key, format="omni3d", source {dataset, file, id}, image_path (resolved), file_path, image_id,
+    dataset_id, split, width, height, K (3x3 float64), src_90_rotate, src_flagged, annotations (raw fields +
+    ignore, ignore_reasons). Rejects: path_escapes_root, missing_image, bad_intrinsics, bad_image_size,
+    malformed_image, duplicate_image_id, orphan_annotation.
+    """
+    if isinstance(rules, str):
+        if rules not in _PRESETS:
+            raise ValueError(f"unknown ignore-rule preset {rules!r}; choose from {sorted(_PRESETS)}")
+        rules = _PRESETS[rules]
+    seen: dict[int, str] = {}
+    for f in files:
+        path = Path(f)
+        data = load_omni3d_json(path)
+        dataset, split = _dataset_and_split(path, data)
+        rel_file = relative_to_root(path, data_root)
+        anns_by_image: dict[Any, list[dict[str, Any]]] = {}
+        for a in data.get("annotations", []):
+            iid = a.get("image_id") if isinstance(a, dict) else None
+            anns_by_image.setdefault(iid, []).append(a)
+        image_ids = {img.get("id") for img in data["images"] if isinstance(img, dict) and isinstance(img.get("id"), int)}
+        for pos, img in enumerate(data["images"]):
+            yield _read_image(img, pos, dataset, split, rel_file, data_root, rules, check_files, anns_by_image, seen)
+        for iid, anns in anns_by_image.items():
+            if iid in image_ids and not isinstance(iid, bool):
+                continue
+            for a in anns:
+                aid = a.get("id") if isinstance(a, dict) else None
+                yield read_reject(make_key("omni3d", dataset, "annotation", str(aid)), "orphan_annotation",
+                                  f"{rel_file}: annotation {aid!r} refers to image_id {iid!r}, which is not in the file")
+
+
+def _read_image(img: object, pos: int, dataset: str, split: str, rel_file: str, data_root: str | os.PathLike,
+                rules: IgnoreRules, check_files: bool, anns_by_image: dict, seen: dict[int, str]) -> ReadResult:
+    if not isinstance(img, dict) or isinstance(img.get("id"), bool) or not isinstance(img.get("id"), int):
+        return read_reject(make_key("omni3d", dataset, "position", pos), "malformed_image",
+                           f"{rel_file}: images[{pos}] has no integer 'id'")
+    iid = img["id"]
+    key = make_key("omni3d", dataset, str(iid))
+    if iid in seen:
+        return read_reject(key, "duplicate_image_id", f"{rel_file}: image id {iid} already read from {seen[iid]}")
+    seen[iid] = rel_file
+    fp = img.get("file_path")
+    try:
+        image_path = resolve_under(data_root, fp)
+    except PathEscapesRoot as exc:
+        return read_reject(key, "path_escapes_root", f"{rel_file}: image {iid}: {exc}")
+    try:
+        K = validate_intrinsics(img.get("K"))
+    except CameraError as exc:
+        return read_reject(key, "bad_intrinsics", f"{rel_file}: image {iid}: {exc}")
+    w, h = img.get("width"), img.get("height")
+    if any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in (w, h)):
+        return read_reject(key, "bad_image_size", f"{rel_file}: image {iid}: width/height must be positive ints, got {w!r}x{h!r}")
+    if check_files and not image_path.is_file():
+        return read_reject(key, "missing_image", f"{rel_file}: image {iid}: no file at {fp}")
+    anns = []
+    for a in anns_by_image.get(iid, []):
+        if not isinstance(a, dict):
+            continue
+        reasons = ignore_reasons(a, float(h), rules)
+        anns.append({**a, "ignore": bool(reasons), "ignore_reasons": reasons})
+    return {
+        "key": key,
+        "format": "omni3d",
+        "source": {"dataset": dataset, "file": rel_file, "id": str(iid)},
+        "image_path": str(image_path),
+        "file_path": fp,
+        "image_id": iid,
+        "dataset_id": img.get("dataset_id"),
+        "split": split,
+        "width": w,
+        "height": h,
+        "K": K,
+        "src_90_rotate": int(img.get("src_90_rotate") or 0),
+        "src_flagged": bool(img.get("src_flagged", False)),
+        "annotations": anns,
+    }
