@@ -92,8 +92,32 @@ def schema(kind: str) -> dict[str, Any]:
 
 @functools.cache
 def _validator(kind: str) -> jsonschema.Draft202012Validator:
+    _registry()  # checks every schema document once
     doc = _load_json(kind)
-    return jsonschema.Draft202012Validator(doc, registry=_registry())
+    # Validating every written record is on the builders' hot path; resolving `$ref`s through the
+    # registry at each use costs about half the validation time, so they are inlined once here.
+    return jsonschema.Draft202012Validator(_inline_refs(doc, doc))
+
+
+def _inline_refs(node: Any, root: dict[str, Any]) -> Any:
+    """A copy of a schema with every `$ref` (local `#/...` or `common.schema.json#/...`) replaced by its target."""
+    if isinstance(node, list):
+        return [_inline_refs(x, root) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _inline_refs(v, root) for k, v in node.items() if k != "$ref"}
+    ref = node.get("$ref")
+    if ref is None:
+        return out
+    doc_name, _, pointer = ref.partition("#")
+    doc = root if not doc_name else _load_json(doc_name.removesuffix(".schema.json"))
+    target: Any = doc
+    for part in filter(None, pointer.split("/")):
+        target = target[part.replace("~1", "/").replace("~0", "~")]
+    target = _inline_refs(target, doc)
+    if not out:
+        return target
+    return {**out, "allOf": [*out.get("allOf", []), target]}
 
 
 def validate(kind: str, record: Any) -> None:

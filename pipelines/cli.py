@@ -1,0 +1,48 @@
+"""The single `gr3d` console script.
+
+Each command lives in the module that owns it, as `add_parser(subparsers)` registering `run(args) -> int`.
+Those modules import nothing heavy at module level, so `gr3d --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that register top-level commands, in the order `--help` lists them.
+COMMAND_MODULES: list[str] = [
+    "pipelines.demo",
+    "model.eval.cli",
+    "shards.cli",
+    "pipelines.build_cli",
+    "pipelines.sample_world.cli",
+    "model.cli",
+    "pipelines.audit.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gr3d",
+        description="GR3D corpus engine: build the grounded-CoT, 3D-detection and point-map corpora, "
+        "audit their annotation noise, train and evaluate GR3D.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Executors: run a builder's stages over its plan, chunk by chunk, and finalize the build.
+
+`run_build(builder, out_dir, executor=...)` is the one entry point. It lists and plans the inputs
+(`pipelines.plan`), hands the to-do chunks to an executor, checks every chunk ended done, then calls
+`shards.manifest.finalize` and writes `run.json` (timings, executor, which chunks this run processed).
+
+- `local`: the plain in-process loop (the reference, and the benchmark baseline).
+- `ray` (default): Ray Data streaming over chunks; embedded local Ray, or a cluster via
+  `ray_address` / RAY_ADDRESS.
+- `beam`: Apache Beam; in-process FnApiRunner locally, any portable runner through `beam_options`.
+
+All three run `pipelines.executors.chunk` on each chunk, so their shards are byte-identical. This module
+imports nothing heavy; Ray and Beam are imported only by the executor that is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines import progress as progress_mod
+from pipelines.plan import (
+    Builder,
+    BuildPlan,
+    make_plan,
+    prepare_build_dir,
+    recorded_chunk_size,
+    remove_build_outputs,
+)
+from pipelines.progress import Progress
+from pipelines.stage import Stage, StageSetupError, _rebuild_setup_error
+
+# shards.writer is light (numpy, pyarrow, jsonschema); Ray and Beam are imported by their executors only.
+from shards.writer import is_done, stats_path
+
+EXECUTORS = ("ray", "beam", "local")
+DEFAULT_CHUNK_SIZE = 1000
+
+
+class BuildError(RuntimeError):
+    """The run cannot complete (a stage's setup failed, a chunk was not written, bad options)."""
+
+
+@dataclass
+class BuildResult:
+    build_dir: Path
+    executor: str
+    plan: BuildPlan
+    processed: list[int] = field(default_factory=list)
+    manifest: dict[str, Any] | None = None
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    def summary(self) -> str:
+        """What `gr3d build` prints: the plan, what this run did, and the manifest's counts by outcome."""
+        lines = [self.plan.describe()]
+        if self.dry_run:
+            return "\n".join(["dry run: nothing written", *lines])
+        lines.append(f"executor: {self.executor}  processed this run: {len(self.processed)} chunk(s) "
+                     f"in {self.seconds:.1f} s")
+        m = self.manifest or {}
+        t = m.get("totals") or {}
+        if t:
+            lines.append(f"inputs: {t.get('n_input')}  written: {t.get('n_samples')}  rejected: {t.get('n_rejected')}"
+                         f"  (reject rows: {t.get('n_reject_rows')})  shards: {m.get('n_shards')}")
+        if m.get("rejects_by_reason"):
+            lines.append("rejects by reason: " + ", ".join(f"{k}={v}" for k, v in m["rejects_by_reason"].items()))
+        agg = aggregate_stats(self.build_dir, len(self.plan.chunks))
+        for name, c in agg["stages"].items():
+            lines.append(f"  stage {name}: in={c.get('in', 0)} out={c.get('out', 0)} rejected={c.get('rejected', 0)}")
+        if agg["error_histogram"]:
+            lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in agg["error_histogram"].items()))
+        lines.append(f"manifest: {self.build_dir / 'manifest.json'}")
+        return "\n".join(lines)
+
+
+def aggregate_stats(build_dir: str | Path, n_shards: int) -> dict[str, Any]:
+    """Sum the executor's per-shard extras (per-stage counts, rejects by stage, error histogram)."""
+    from shards import jsonio
+    from shards.writer import stats_path
+
+    out: dict[str, Any] = {"stages": {}, "rejects_by_stage": {}, "error_histogram": {}}
+    for i in range(n_shards):
+        try:
+            extra = jsonio.loads(stats_path(build_dir, i).read_bytes()).get("extra") or {}
+        except (OSError, ValueError):
+            continue
+        for name, c in (extra.get("stages") or {}).items():
+            agg = out["stages"].setdefault(name, {})
+            for k, v in c.items():
+                agg[k] = agg.get(k, 0) + v
+        for field_ in ("rejects_by_stage", "error_histogram"):
+            for k, v in (extra.get(field_) or {}).items():
+                out[field_][k] = out[field_].get(k, 0) + v
+    return out
+
+
+def find_setup_error(exc: BaseException) -> StageSetupError | None:
+    """Dig a StageSetupError out of an exception wrapped by Ray or Beam (or its message)."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StageSetupError):
+            return e
+        for nxt in (getattr(e, "cause", None), e.__cause__, e.__context__):
+            if isinstance(nxt, BaseException):
+                stack.append(nxt)
+    m = re.search(r"setup\(\) of stage '([^']+)' failed: ([^\n]*)", str(exc))
+    return _rebuild_setup_error(m.group(1), m.group(2)) if m else None
+
+
+def _executor_fn(name: str) -> Callable[..., list[int]]:
+    if name == "local":
+        from pipelines.executors.local import execute
+    elif name == "ray":
+        from pipelines.executors.ray_executor import execute
+    elif name == "beam":
+        from pipelines.executors.beam_executor import execute
+    else:
+        raise BuildError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
+    return execute
+
+
+def run_build(builder: Builder, out_dir: str | Path, executor: str = "ray", *, workers: int | None = None,
+              chunk_size: int | None = None, limit: int | None = None, overwrite: bool = False,
+              dry_run: bool = False, ray_address: str | None = None, num_gpus: float | None = None,
+              beam_options: Sequence[str] | None = None, show_progress: bool = True,
+              progress_interval: float = 5.0) -> BuildResult:
+    """Build (or resume) `builder` into `out_dir` and finalize its manifest.
+
+    Resumes by default: chunks whose shard is done are skipped, the others are redone from scratch.
+    `chunk_size=None` takes the chunk size of the build being resumed, else DEFAULT_CHUNK_SIZE.
+    `overwrite=True` deletes the previous build outputs first. `dry_run=True` only plans.
+    Raises `StageSetupError` if a stage cannot set up, `BuildError` if the run cannot complete.
+    """
+    if executor not in EXECUTORS:
+        raise BuildError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if workers is not None and workers < 1:
+        raise BuildError(f"--workers must be >= 1, got {workers}")
+    build_dir = Path(out_dir).resolve()
+    t0 = time.perf_counter()
+    inputs = builder.list_inputs(builder.config)
+    if overwrite and not dry_run:
+        remove_build_outputs(build_dir)
+    if chunk_size is None:
+        chunk_size = (None if overwrite else recorded_chunk_size(build_dir)) or DEFAULT_CHUNK_SIZE
+    # A dry run with --overwrite shows what the overwrite would do: every chunk to do.
+    plan = make_plan(builder.name, builder.config, inputs, build_dir, chunk_size, limit,
+                     ignore_existing=overwrite and dry_run)
+    result = BuildResult(build_dir, executor, plan, dry_run=dry_run)
+    if dry_run:
+        return result
+    build_dir.mkdir(parents=True, exist_ok=True)
+    prepare_build_dir(plan, builder.name, builder.config)
+
+    prog = Progress([s.name for s in builder.stages], plan.todo_inputs, len(plan.todo),
+                    interval=progress_interval, enabled=show_progress)
+    token = uuid.uuid4().hex
+    progress_mod.register(token, prog)
+    try:
+        if plan.todo:
+            execute = _executor_fn(executor)
+            try:
+                result.processed = sorted(execute(list(builder.stages), plan, progress=prog, progress_token=token,
+                                                  workers=workers, ray_address=ray_address, num_gpus=num_gpus,
+                                                  beam_options=list(beam_options or [])))
+            except StageSetupError:
+                raise
+            except Exception as exc:
+                err = find_setup_error(exc)
+                if err is not None:
+                    raise err from exc
+                raise
+            prog.close()
+    finally:
+        progress_mod.unregister(token)
+
+    missing = [c.index for c in plan.chunks if not is_done(build_dir, c.index)]
+    if missing:
+        raise BuildError(f"{len(missing)} chunk(s) not written after the run: {missing[:20]}")
+    result.seconds = time.perf_counter() - t0
+    result.manifest = _finalize(builder, result, workers, ray_address, beam_options)
+    return result
+
+
+def _finalize(builder: Builder, result: BuildResult, workers: int | None, ray_address: str | None,
+              beam_options: Sequence[str] | None) -> dict[str, Any]:
+    """`shards.manifest.finalize` with this run's facts for run.json (never compared between runs)."""
+    from shards.manifest import code_version, finalize
+
+    stage_s: dict[str, float] = {}
+    for i in result.processed:
+        try:
+            t = json.loads(stats_path(result.build_dir, i).read_text()).get("timing", {})
+        except (OSError, ValueError):
+            continue
+        for k, v in (t.get("stages_s") or {}).items():
+            stage_s[k] = stage_s.get(k, 0.0) + float(v)
+    run_info = {
+        "executor": result.executor,
+        "workers": workers,
+        "ray_address": (ray_address or os.environ.get("RAY_ADDRESS")) if result.executor == "ray" else None,
+        "beam_options": list(beam_options or []) if result.executor == "beam" else None,
+        "seconds": round(result.seconds, 3),
+        "chunks_total": len(result.plan.chunks),
+        "chunks_skipped_done": list(result.plan.done),
+        "chunks_processed": list(result.processed),
+        "stage_seconds_sum": {k: round(v, 3) for k, v in stage_s.items()},
+    }
+    cfg = {"builder": builder.name, **builder.config}
+    return finalize(result.build_dir, cfg, code_version(), run_info=run_info)
+
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "EXECUTORS", "BuildError", "BuildResult", "Builder", "Stage", "find_setup_error", "run_build"]

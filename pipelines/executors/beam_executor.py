@@ -1,0 +1,158 @@
+"""Beam executor: the same stages as DoFns, one element per chunk.
+
+Pipeline: `Create([(index, state)])` -> `Reshuffle` (spreads chunks over workers) -> one `ParDo` per
+segment (runs of CPU stages fused into one DoFn; each model stage its own DoFn, with `setup()` in
+`DoFn.setup`, so a model loads once per DoFn instance) -> the last DoFn writes shard i with the
+shared chunk runner. Shards are written by the workers, so the output bytes equal the other executors'.
+
+Runners:
+- default (no `--runner` in `beam_options`, or DirectRunner): `FnApiRunner` in this process's control,
+  never the Prism download that DirectRunner tries first (environment.md). With more than one worker it
+  uses `direct_running_mode=multi_processing` (Python SDK worker subprocesses: the GIL is not shared);
+  with one worker it runs in-process.
+- any other runner (FlinkRunner, SparkRunner, DataflowRunner, PortableRunner): `beam_options` pass
+  through unchanged (e.g. `--runner=FlinkRunner --flink_master=host:8081 --environment_type=DOCKER`).
+  The workers need this package installed and the build directory on a filesystem they all see.
+
+Progress: in-process, stages report rows live; otherwise the driver counts finished shards' per-stage
+rows from their stats files (chunk granularity).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+    WorkerOptions,
+)
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+from pipelines import progress as progress_mod
+from pipelines.executors.chunk import new_state, run_stage, segments, write_chunk
+from pipelines.plan import BuildPlan
+from pipelines.progress import Progress
+from pipelines.stage import Stage
+
+LOCAL_RUNNERS = {None, "DirectRunner", "FnApiRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner"}
+
+
+class SegmentDoFn(beam.DoFn):
+    """Runs a segment's stages on a chunk; the last segment writes the shard and emits its index."""
+
+    def __init__(self, stages: list[Stage], build_dir: str, write: bool, progress_token: str | None):
+        self.stages = stages
+        self.build_dir = build_dir
+        self.write = write
+        self.progress_token = progress_token
+
+    def setup(self) -> None:
+        for s in self.stages:
+            s.ensure_setup()
+
+    def _report(self, stage: str, n: int) -> None:
+        progress_mod.report(self.progress_token, stage, n)
+
+    def process(self, element: tuple[int, bytes]) -> Iterator[Any]:
+        index, blob = element
+        state = pickle.loads(blob)
+        for s in self.stages:
+            run_stage(s, state, self.build_dir, self._report)
+        if self.write:
+            write_chunk(state, self.build_dir)
+            progress_mod.report_shard(self.progress_token)
+            yield index
+        else:
+            yield index, pickle.dumps(state, protocol=5)
+
+    def teardown(self) -> None:
+        for s in self.stages:
+            s.teardown()
+
+
+def pipeline_options(beam_options: Sequence[str], workers: int | None, n_chunks: int) -> tuple[PipelineOptions, bool]:
+    """The options to run with, and whether the run is local (FnApiRunner) rather than a portable runner."""
+    opts = PipelineOptions(list(beam_options))
+    runner = opts.view_as(StandardOptions).runner
+    local = runner in LOCAL_RUNNERS
+    if local:
+        d = opts.view_as(DirectOptions)
+        explicit = any(a.startswith("--direct_num_workers") for a in beam_options)
+        n = d.direct_num_workers if explicit else (workers or os.cpu_count() or 1)
+        n = max(1, min(n, max(n_chunks, 1)))
+        d.direct_num_workers = n
+        if not any(a.startswith("--direct_running_mode") for a in beam_options):
+            d.direct_running_mode = "multi_processing" if n > 1 else "in_memory"
+        if not any(a.startswith("--default_sdk_harness_log_level") for a in beam_options):
+            opts.view_as(WorkerOptions).default_sdk_harness_log_level = "WARNING"  # workers log INFO per bundle
+    return opts, local
+
+
+def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | None = None,
+            progress_token: str | None = None, workers: int | None = None, beam_options: Sequence[str] = (),
+            **_ignored: Any) -> list[int]:
+    """Run the plan's to-do chunks as a Beam pipeline; returns the indices this run wrote."""
+    from shards.writer import is_done
+
+    todo = list(plan.todo)
+    opts, local = pipeline_options(beam_options, workers, len(todo))
+    in_process = local and opts.view_as(DirectOptions).direct_running_mode == "in_memory"
+    build_dir = str(plan.build_dir)
+    token = progress_token if in_process else None
+
+    p = beam.Pipeline(runner=FnApiRunner(), options=opts) if local else beam.Pipeline(options=opts)
+    pcoll = (p
+             | "chunks" >> beam.Create([(i, pickle.dumps(new_state(plan.chunks[i]), protocol=5)) for i in todo])
+             | "spread" >> beam.Reshuffle())
+    segs = segments(stages)
+    for k, seg in enumerate(segs):
+        write = k == len(segs) - 1
+        label = "+".join(s.name for s in seg.stages)
+        pcoll = pcoll | f"{k}:{label}" >> beam.ParDo(SegmentDoFn(list(seg.stages), build_dir, write, token))
+
+    stop = threading.Event()
+    poller = None
+    if progress is not None and progress.enabled and not in_process:
+        poller = threading.Thread(target=_poll_stats, args=(plan, todo, progress, stop), daemon=True,
+                                  name="gr3d-progress")
+        poller.start()
+    try:
+        result = p.run()
+        result.wait_until_finish()
+    finally:
+        stop.set()
+        if poller is not None:
+            poller.join()
+    if progress is not None and not in_process:
+        _count_stats(plan, todo, progress)
+    return [i for i in todo if is_done(plan.build_dir, i)]
+
+
+def _count_stats(plan: BuildPlan, todo: list[int], progress: Progress) -> None:
+    """Per-stage rows of the finished to-do shards, from their stats files."""
+    from shards import jsonio
+    from shards.writer import stats_path
+
+    counts: dict[str, int] = {}
+    shards = 0
+    for i in todo:
+        try:
+            extra = jsonio.loads(stats_path(plan.build_dir, i).read_bytes()).get("extra") or {}
+        except (OSError, ValueError):
+            continue
+        shards += 1
+        for name, c in (extra.get("stages") or {}).items():
+            counts[name] = counts.get(name, 0) + int(c.get("in", 0))
+    progress.set_counts(counts, shards)
+
+
+def _poll_stats(plan: BuildPlan, todo: list[int], progress: Progress, stop: threading.Event) -> None:
+    while not stop.wait(progress.interval):
+        _count_stats(plan, todo, progress)

@@ -1,0 +1,604 @@
+"""The point-map corpus: images with N sampled surface points (u, v, X, Y, Z) and point questions.
+
+`gr3d build pointmaps --source embodiedscan|omni3d|rgbd ...` reads posed RGB-D frames with the
+real-format readers of `pipelines.sources`, decodes their depth (`pipelines.depth_io`), samples N valid
+pixels seeded by the sample key (`pipelines.point_sampling`), back-projects them and writes one sample per
+frame: the original image bytes, `KEY.points.npy` (float32 N x 5: u, v in colour pixels, X, Y, Z in
+metres in the colour camera, OpenCV axes) and a record whose `point_3d` conversations ask
+"Please detect the 3D location of point <bbox>[u, v, u, v]</bbox><region>" -> "x: .., y: .., z: ..".
+
+Depth and colour cameras. Sensors such as ScanNet's have their own depth intrinsics and resolution
+(640x480 vs 1296x968 colour) but, as EmbodiedScan assumes, the same pose. A depth pixel is therefore
+back-projected with the depth K, and its point is already in the colour camera's frame; its colour
+pixel is the projection with the colour K. Both maps are pinhole with the same centre, so colour pixel =
+`A @ (u_d, v_d, 1)` with A = K_colour K_depth^-1 (affine, depth-independent): whether a depth pixel lands
+inside the colour image is decided per row and column before sampling, and points outside are never
+candidates. (u, v) follow the OpenCV convention: pixel i is centred at coordinate i.
+
+Text. Each record carries `conversations` point_3d conversations of `points_per_conversation` rounds,
+over disjoint rows of the point array (conversation c uses rows c*K .. c*K+K-1; the rows are in random
+order already). The trainer picks one conversation per sample and epoch, so several conversations show
+different points over epochs at no cost in sequence length; every point stays in `points.npy` for
+other uses. A point's region is `format_point2d(u / W, v / H)` + `<region>` (the same u / W normalization
+as the projected boxes of the det3d corpus); the answer is `format_point3d` (2 decimals).
+
+Nothing heavy is imported at module level (the module registers the builder on import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.build_cli import register_builder
+from pipelines.depth_io import DEPTH_FORMATS, DepthError, DepthSpec, decode_depth, embodiedscan_spec
+from pipelines.point_sampling import MODES, SamplerConfig, SamplingError, rng_for, sample_pixels
+from pipelines.stage import Item, Reject, Resources, Stage
+
+__all__ = [
+    "SOURCES",
+    "OMNI3D_DEPTH_RULES",
+    "colour_affine",
+    "colour_view_mask",
+    "backproject",
+    "backproject_indices",
+    "sample_frame",
+    "verbalize",
+    "build_record",
+    "list_inputs",
+    "make_builder",
+    "ReadFrame",
+    "SamplePoints",
+    "Verbalize",
+]
+
+SOURCES: tuple[str, ...] = ("embodiedscan", "omni3d", "rgbd")
+# Omni3D has no depth paths: a sibling folder of the image folder holds the depth, per dataset.
+# (image folder name, depth folder name, format, units per metre); others use the CLI's default rule.
+OMNI3D_DEPTH_RULES: dict[str, tuple[str, str, str, float]] = {
+    "SUNRGBD": ("image", "depth_bfx", "png_sunrgbd", 1000.0),
+}
+_EPS_PX = 1e-6
+
+
+# ---------------------------------------------------------------- geometry kernels
+
+
+def _k(K: object) -> np.ndarray:
+    from schemas.camera import validate_intrinsics
+
+    return validate_intrinsics(K)
+
+
+def colour_affine(K_colour: object, K_depth: object) -> np.ndarray:
+    """(2, 3) A with colour pixel = A @ (u_d, v_d, 1) for a shared pose: A = (K_colour K_depth^-1)[:2].
+
+    Written out rather than through a matrix inverse so that equal intrinsics give exactly the identity
+    (a 0.9999999 would push the last column out of the image).
+    """
+    Kc, Kd = _k(K_colour), _k(K_depth)
+    if np.array_equal(Kc, Kd):
+        return np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    fxd, sd, cxd, fyd, cyd = Kd[0, 0], Kd[0, 1], Kd[0, 2], Kd[1, 1], Kd[1, 2]
+    fxc, sc, cxc, fyc, cyc = Kc[0, 0], Kc[0, 1], Kc[0, 2], Kc[1, 1], Kc[1, 2]
+    # x = (u - cxd - sd*y) / fxd, y = (v - cyd) / fyd; u_c = fxc*x + sc*y + cxc, v_c = fyc*y + cyc
+    a00 = fxc / fxd
+    a01 = (sc - fxc * sd / fxd) / fyd
+    a02 = cxc - a00 * cxd - a01 * cyd
+    a11 = fyc / fyd
+    a12 = cyc - a11 * cyd
+    return np.array([[a00, a01, a02], [0.0, a11, a12]])
+
+
+def colour_view_mask(depth_shape: tuple[int, int], K_colour: object, K_depth: object,
+                     width: int, height: int) -> np.ndarray | None:
+    """Depth pixels whose colour pixel lies in [0, W-1] x [0, H-1]; None when that is every pixel.
+
+    Separable (one test per row and one per column) unless the two skews differ.
+    """
+    Hd, Wd = depth_shape
+    A = colour_affine(K_colour, K_depth)
+    lo_u, hi_u, lo_v, hi_v = -_EPS_PX, width - 1 + _EPS_PX, -_EPS_PX, height - 1 + _EPS_PX
+    vc = A[1, 1] * np.arange(Hd) + A[1, 2]
+    rows = (vc >= lo_v) & (vc <= hi_v)
+    if A[0, 1] == 0.0:
+        uc = A[0, 0] * np.arange(Wd) + A[0, 2]
+        cols = (uc >= lo_u) & (uc <= hi_u)
+        if rows.all() and cols.all():
+            return None
+        return rows[:, None] & cols[None, :]
+    v, u = np.mgrid[0:Hd, 0:Wd]
+    uc = A[0, 0] * u + A[0, 1] * v + A[0, 2]
+    return rows[:, None] & (uc >= lo_u) & (uc <= hi_u)
+
+
+def backproject(depth: np.ndarray, K: object, *, scale: float | None = None, return_index: bool = False
+                ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Every valid pixel of a depth map as camera points: float32 (N, 3), row-major pixel order.
+
+    The full-frame kernel (the `.ply` export and the benchmark against Open3D): per-column and per-row
+    ray factors are computed once (W + H divisions), then X = z * xf[u], Y = z * yf[v] over the masked
+    pixels, with no index arithmetic. `depth` is float metres, or raw unsigned integers with `scale`
+    units per metre (e.g. a uint16 PNG in mm, 1000): then only the valid pixels are converted, each
+    exactly as `depth_io` would. `return_index` also gives the flat pixel indices (for colours).
+    """
+    Km = _k(K)
+    raw = np.asarray(depth)
+    if raw.ndim != 2:
+        raise ValueError(f"depth must be 2-D, got shape {raw.shape}")
+    H, W = raw.shape
+    fx, s, cx, fy, cy = Km[0, 0], Km[0, 1], Km[0, 2], Km[1, 1], Km[1, 2]
+    yf = ((np.arange(H) - cy) / fy).astype(np.float32)
+    xf = ((np.arange(W) - cx) / fx).astype(np.float32)
+    if raw.dtype.kind == "u":
+        if scale is None:
+            raise ValueError("integer depth needs scale (stored units per metre)")
+        z = raw
+        m = raw > 0
+        zz = raw[m].astype(np.float32)
+        np.divide(zz, np.float32(scale), out=zz)
+    else:
+        z = raw.astype(np.float32, copy=False)
+        m = z > 0
+        zz = z[m]
+    X = np.broadcast_to(xf, z.shape)[m] * zz
+    Yr = np.broadcast_to(yf[:, None], z.shape)[m]
+    if s != 0.0:
+        X -= np.float32(s / fx) * Yr * zz
+    pts = np.stack([X, Yr * zz, zz], axis=1)
+    if return_index:
+        return pts, np.flatnonzero(m)
+    return pts
+
+
+def backproject_indices(depth: np.ndarray, K: object, idx: np.ndarray) -> np.ndarray:
+    """Camera points (n, 3) float64 of the depth pixels at flat indices `idx` (u = idx % W, v = idx // W)."""
+    Km = _k(K)
+    z = np.asarray(depth)
+    W = z.shape[1]
+    idx = np.asarray(idx, dtype=np.int64)
+    v = idx // W
+    u = idx - v * W
+    d = z.reshape(-1)[idx].astype(np.float64)
+    y = (v - Km[1, 2]) / Km[1, 1]
+    x = (u - Km[0, 2] - Km[0, 1] * y) / Km[0, 0]
+    return np.stack([x * d, y * d, d], axis=1)
+
+
+def sample_frame(depth: np.ndarray, K_depth: object, K_colour: object, width: int, height: int, key: str,
+                 cfg: SamplerConfig) -> tuple[np.ndarray, dict[str, int]]:
+    """The N targets of one frame: float32 (N, 5) rows (u, v, X, Y, Z) and counts for the stats.
+
+    Candidates are the valid depth pixels (depth > 0, <= max_depth) whose colour pixel is inside the
+    colour image (and, in edge-avoiding modes, away from depth discontinuities). Raises
+    `SamplingError` with reason `too_few_valid_pixels`, `too_few_pixels_in_colour_view` or
+    `too_few_edge_free_pixels`.
+    """
+    z = np.asarray(depth, dtype=np.float32)
+    if cfg.max_depth is not None:
+        z = np.where(z <= cfg.max_depth, z, np.float32(0.0))
+    valid = z > 0
+    n_valid = int(np.count_nonzero(valid))
+    need = max(cfg.n, math.ceil(cfg.min_valid_fraction * z.size))
+    if n_valid < need:
+        raise SamplingError("too_few_valid_pixels",
+                            f"{n_valid} of {z.size} depth pixels are valid; need {need} "
+                            f"({cfg.n} points, min_valid_fraction {cfg.min_valid_fraction})")
+    view = colour_view_mask(z.shape, K_colour, K_depth, width, height)
+    cand = valid if view is None else valid & view
+    n_view = n_valid if view is None else int(np.count_nonzero(cand))
+    if n_view < cfg.n:
+        raise SamplingError("too_few_pixels_in_colour_view",
+                            f"{n_view} valid depth pixels project into the {width}x{height} colour image; need {cfg.n}")
+    sel = sample_pixels(z, np.flatnonzero(cand), cfg, rng_for(key, cfg.seed))
+    xyz = backproject_indices(z, K_depth, sel)
+    # colour pixel = A (u_d, v_d, 1): the projection of xyz with the colour K, and exactly the depth pixel
+    # when both cameras are one; the clip only removes the +-1e-6 px tolerance of the view test
+    A = colour_affine(K_colour, K_depth)
+    v_d, u_d = np.divmod(sel, z.shape[1])
+    out = np.empty((sel.size, 5), dtype=np.float32)
+    out[:, 0] = np.clip(A[0, 0] * u_d + A[0, 1] * v_d + A[0, 2], 0.0, width - 1)
+    out[:, 1] = np.clip(A[1, 1] * v_d + A[1, 2], 0.0, height - 1)
+    out[:, 2:5] = xyz
+    return out, {"n_valid": n_valid, "n_in_view": n_view}
+
+
+# ---------------------------------------------------------------- text and record
+
+
+def verbalize(points: np.ndarray, width: int, height: int, key: str, points_per_conversation: int = 10,
+              conversations: int = 1) -> list[dict[str, Any]]:
+    """`point_3d` conversations over disjoint rows of `points` (see the module docstring).
+
+    Prompt templates vary per round, chosen by a stable hash of (key, row).
+    """
+    from schemas.grammar import format_grounded, format_point3d
+    from schemas.prompts import point_prompt
+
+    n = points.shape[0]
+    k = max(1, min(points_per_conversation, n))
+    out = []
+    for c in range(max(1, conversations)):
+        rows = list(range(c * k, min(n, (c + 1) * k)))
+        if not rows:
+            break
+        turns = []
+        for r in rows:
+            u, v, X, Y, Z = (float(x) for x in points[r])
+            x_n, y_n = min(max(u / width, 0.0), 1.0), min(max(v / height, 0.0), 1.0)
+            turns.append({"from": "human", "value": point_prompt(format_grounded((x_n, y_n, x_n, y_n)), key=key,
+                                                                 salt=f"point{r}")})
+            turns.append({"from": "gpt", "value": format_point3d((X, Y, Z))})
+        out.append({"task": "point_3d", "turns": turns, "point_rows": rows})
+    return out
+
+
+def build_record(item: Item, points: np.ndarray, cfg: SamplerConfig, points_per_conversation: int,
+                 conversations: int, arrays: Sequence[str] = ("points",)) -> dict[str, Any]:
+    """The `pointmap` record (KEY.json) of a frame; validated by the shard writer against its schema."""
+    from schemas.camera import normalization_scale
+
+    K = np.asarray(item["K"], dtype=np.float64)
+    return {
+        "key": item["key"],
+        "corpus": "pointmap",
+        "source": dict(item["source"]),
+        "image": {"ext": item["image_ext"], "width": int(item["width"]), "height": int(item["height"])},
+        "camera": {"K": K.tolist(), "scale": normalization_scale(K)},
+        "arrays": sorted(arrays),
+        "points": {"n": int(points.shape[0]), "mode": cfg.mode},
+        "conversations": verbalize(points, int(item["width"]), int(item["height"]), item["key"],
+                                   points_per_conversation, conversations),
+    }
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _listify(K: Any) -> list[list[float]]:
+    return np.asarray(K, dtype=np.float64).tolist()
+
+
+def _rel(path: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> str:
+    from pipelines.sources.common import relative_to_root
+
+    return relative_to_root(path, root)
+
+
+def _omni3d_depth(item: Item, config: dict[str, Any]) -> tuple[str | None, str, float]:
+    """(depth path or None, format, units per metre) of an Omni3D image, by the dataset's rule."""
+    rule = OMNI3D_DEPTH_RULES.get(item["source"]["dataset"])
+    if rule is None:
+        rule = (config["omni3d_image_dir"], config["omni3d_depth_dir"], config["omni3d_depth_format"],
+                config["omni3d_depth_scale"])
+    image_dir, depth_dir, fmt, scale = rule
+    p = Path(item["image_path"])
+    parts = list(p.parts)
+    hits = [i for i, part in enumerate(parts[:-1]) if part == image_dir]
+    if not hits:
+        return None, fmt, scale
+    parts[hits[-1]] = depth_dir
+    ext = ".npy" if fmt == "npy_m" else ".pgm" if fmt == "pgm_u16" else ".png"
+    return str(Path(*parts).with_name(p.stem + ext)), fmt, scale
+
+
+def _reader_items(config: dict[str, Any]):
+    src = config["source"]
+    if src == "embodiedscan":
+        from pipelines.sources.embodiedscan import read_embodiedscan
+
+        return read_embodiedscan(config["embodiedscan"], config["data_root"])
+    if src == "omni3d":
+        from pipelines.sources.omni3d import read_omni3d
+
+        return read_omni3d(config["omni3d"], config["data_root"], rules="none")
+    if src == "rgbd":
+        from pipelines.sources.rgbd import read_rgbd
+
+        return read_rgbd(config["rgbd"])
+    raise ValueError(f"unknown point-map source {src!r}; choose one of {', '.join(SOURCES)}")
+
+
+def _input_of(it: Item, config: dict[str, Any]) -> Item:
+    """A reader item reduced to what the stages need (small, JSON-able: it is digested into plan.json)."""
+    src, root = config["source"], config.get("data_root") or config.get("rgbd")
+    source = dict(it["source"])
+    depth_K = it.get("depth_K", it["K"])
+    width, height = it.get("width"), it.get("height")
+    if src == "embodiedscan":
+        spec = embodiedscan_spec(it["depth_path"], it["depth_shift"])
+        depth_path, fmt, scale = it["depth_path"], spec.format, spec.units_per_metre
+        source["scene"] = it["sample_idx"]
+    elif src == "omni3d":
+        depth_path, fmt, scale = _omni3d_depth(it, config)
+        source["split"] = it.get("split", "")
+    else:  # rgbd
+        depth_path = it["depth_path"]
+        fmt = "npy_m" if it["depth_format"] == "npy_m" else "png_u16"
+        scale = 1.0 if fmt == "npy_m" else float(it["depth_scale"])
+    if depth_path is not None:
+        source["depth"] = _rel(depth_path, root)
+    source["depth_format"] = fmt
+    source["depth_scale"] = float(scale)
+    if not np.array_equal(np.asarray(depth_K, dtype=np.float64), np.asarray(it["K"], dtype=np.float64)):
+        source["depth_K"] = _listify(depth_K)
+    return {
+        "key": it["key"], "source": source, "image_path": it["image_path"], "depth_path": depth_path,
+        "depth_format": fmt, "depth_scale": float(scale), "K": _listify(it["K"]), "depth_K": _listify(depth_K),
+        "width": width, "height": height,
+    }  # fmt: skip
+
+
+def list_inputs(config: dict[str, Any]) -> list[Item]:
+    """Every frame of the configured source as a small input dict; read rejects travel as inputs too.
+
+    A reader reject becomes an input `{"key", "read_reject": {reason, message}}` that the first stage
+    turns back into a reject row, so it is counted in the manifest like any other. A reject whose key
+    repeats an earlier input key (EmbodiedScan's `duplicate_key`) gets a `-dupN` suffix: keys must stay
+    unique.
+    """
+    from pipelines.sources.common import is_reject
+
+    out: list[Item] = []
+    seen: dict[str, int] = {}
+    for r in _reader_items(config):
+        if is_reject(r):
+            key = r.key
+            if key in seen:
+                seen[key] += 1
+                key = f"{key}-dup{seen[key]}"
+            seen.setdefault(key, 0)
+            out.append({"key": key, "read_reject": {"reason": r.reason, "message": r.message}})
+        else:
+            if r["key"] in seen:
+                seen[r["key"]] += 1
+                out.append({"key": f"{r['key']}-dup{seen[r['key']]}",
+                            "read_reject": {"reason": "duplicate_key", "message": f"frame key {r['key']} repeats"}})
+                continue
+            seen[r["key"]] = 0
+            out.append(_input_of(r, config))
+    return out
+
+
+# ---------------------------------------------------------------- stages
+
+_PNG, _JPG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+
+
+def _image_ext(data: bytes) -> str | None:
+    return "png" if data.startswith(_PNG) else "jpg" if data.startswith(_JPG) else None
+
+
+class ReadFrame(Stage):
+    """Read the image bytes (kept, not re-encoded) and decode the depth map into float32 metres.
+
+    Rejects: the reader's own reasons (stage `read`), `missing_image`, `unsupported_image_format`,
+    `bad_image`, `image_size_mismatch`, the depth reasons of `pipelines.depth_io`, and
+    `depth_size_mismatch` (a depth map of another size than the image with no depth intrinsics of its own).
+    """
+
+    name = "read_frame"
+    batch_size = 16
+    resources = Resources(cpus=1)
+
+    def process(self, batch: list[Item]) -> tuple[list[Item], list[Reject]]:
+        out, rejects = [], []
+        for it in batch:
+            r = it.get("read_reject")
+            if r is not None:
+                rejects.append(Reject(it["key"], "read", r["reason"], r["message"]))
+                continue
+            try:
+                out.append(self._read(it))
+            except (DepthError, _FrameError) as exc:
+                rejects.append(Reject(it["key"], self.name, exc.reason, str(exc)))
+        return out, rejects
+
+    def _read(self, it: Item) -> Item:
+        from PIL import Image
+
+        try:
+            data = Path(it["image_path"]).read_bytes()
+        except FileNotFoundError:
+            raise _FrameError("missing_image", f"no image at {it['source'].get('file')}: {it['image_path']}") from None
+        ext = _image_ext(data)
+        if ext is None:
+            raise _FrameError("unsupported_image_format", f"{Path(it['image_path']).name}: neither PNG nor JPEG")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for a damaged header
+            raise _FrameError("bad_image", f"{Path(it['image_path']).name}: {exc}") from None
+        if it.get("width") is not None and (w, h) != (it["width"], it["height"]):
+            raise _FrameError("image_size_mismatch",
+                              f"image is {w}x{h} but the annotation says {it['width']}x{it['height']}")
+        if it["depth_path"] is None:
+            raise DepthError("missing_depth", f"no depth rule matches {it['image_path']} "
+                                              "(see --omni3d-image-dir / --omni3d-depth-dir)")
+        try:
+            raw = Path(it["depth_path"]).read_bytes()
+        except FileNotFoundError:
+            raise DepthError("missing_depth", f"no depth file at {it['depth_path']}") from None
+        depth = decode_depth(raw, DepthSpec(it["depth_format"], it["depth_scale"]), what=Path(it["depth_path"]).name)
+        if depth.shape != (h, w) and it["depth_K"] == it["K"]:
+            raise _FrameError("depth_size_mismatch", f"depth is {depth.shape[1]}x{depth.shape[0]}, image {w}x{h}, "
+                                                     "and the source gives no depth intrinsics of its own")
+        return {**it, "image_bytes": data, "image_ext": ext, "width": w, "height": h, "depth": depth}
+
+
+class _FrameError(ValueError):
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (_FrameError, (self.reason, str(self)))
+
+
+class SamplePoints(Stage):
+    """Sample N valid surface points per frame and back-project them (see `sample_frame`)."""
+
+    name = "sample_points"
+    batch_size = 16
+    resources = Resources(cpus=1)
+
+    def __init__(self, sampler: SamplerConfig):
+        self.sampler = sampler
+
+    def process(self, batch: list[Item]) -> tuple[list[Item], list[Reject]]:
+        out, rejects = [], []
+        for it in batch:
+            try:
+                pts, counts = sample_frame(it["depth"], it["depth_K"], it["K"], it["width"], it["height"], it["key"],
+                                           self.sampler)
+            except SamplingError as exc:
+                rejects.append(Reject(it["key"], self.name, exc.reason, str(exc)))
+                continue
+            out.append({**it, "points": pts, "counts": counts})
+        return out, rejects
+
+
+class Verbalize(Stage):
+    """Turn the points into the record and its `point_3d` conversations; emit what the writer takes."""
+
+    name = "verbalize"
+    batch_size = 16
+    resources = Resources(cpus=1)
+
+    def __init__(self, sampler: SamplerConfig, points_per_conversation: int = 10, conversations: int = 1,
+                 keep_depth: bool = False):
+        self.sampler = sampler
+        self.points_per_conversation = points_per_conversation
+        self.conversations = conversations
+        self.keep_depth = keep_depth
+
+    def process(self, batch: list[Item]) -> tuple[list[Item], list[Reject]]:
+        out = []
+        for it in batch:
+            arrays = {"points": it["points"]}
+            if self.keep_depth:
+                arrays["depth"] = np.ascontiguousarray(it["depth"], dtype=np.float32)
+                arrays["depth_k"] = np.asarray(it["depth_K"], dtype=np.float64)
+            rec = build_record(it, it["points"], self.sampler, self.points_per_conversation, self.conversations,
+                               arrays=list(arrays))
+            out.append({"key": it["key"], "image_bytes": it["image_bytes"], "image_ext": it["image_ext"],
+                        "record": rec, "arrays": arrays})
+        return out, []
+
+
+# ---------------------------------------------------------------- builder and CLI
+
+
+def make_config(source: str, *, data_root: str | os.PathLike[str] | None = None,
+                embodiedscan: Sequence[str | os.PathLike[str]] = (), omni3d: Sequence[str | os.PathLike[str]] = (),
+                rgbd: str | os.PathLike[str] | None = None, sampler: SamplerConfig | None = None,
+                points_per_conversation: int = 10, conversations: int = 1, keep_depth: bool = False,
+                omni3d_image_dir: str = "image", omni3d_depth_dir: str = "depth", omni3d_depth_format: str = "png_u16",
+                omni3d_depth_scale: float | None = None) -> dict[str, Any]:
+    """The builder config (JSON): everything that decides the output, so it guards resumes."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown point-map source {source!r}; choose one of {', '.join(SOURCES)}")
+    if source == "embodiedscan" and not embodiedscan:
+        raise ValueError("--source embodiedscan needs --embodiedscan FILE...")
+    if source == "omni3d" and not omni3d:
+        raise ValueError("--source omni3d needs --omni3d FILE...")
+    if source == "rgbd" and rgbd is None:
+        raise ValueError("--source rgbd needs --rgbd DIR")
+    if source in ("embodiedscan", "omni3d") and data_root is None:
+        raise ValueError(f"--source {source} needs --data-root DIR")
+    if points_per_conversation < 1 or conversations < 1:
+        raise ValueError("points per conversation and conversations must be >= 1")
+    if omni3d_depth_format not in DEPTH_FORMATS:
+        raise ValueError(f"unknown depth format {omni3d_depth_format!r}; choose one of {', '.join(DEPTH_FORMATS)}")
+    s = sampler or SamplerConfig()
+    return {
+        "source": source,
+        "data_root": str(Path(data_root).resolve()) if data_root is not None else None,
+        "embodiedscan": [str(Path(f).resolve()) for f in embodiedscan],
+        "omni3d": [str(Path(f).resolve()) for f in omni3d],
+        "rgbd": str(Path(rgbd).resolve()) if rgbd is not None else None,
+        "sampler": {"n": s.n, "mode": s.mode, "min_valid_fraction": s.min_valid_fraction, "max_depth": s.max_depth,
+                    "depth_bins": s.depth_bins, "edge_threshold": s.edge_threshold, "edge_radius": s.edge_radius,
+                    "seed": s.seed},
+        "points_per_conversation": points_per_conversation,
+        "conversations": conversations,
+        "keep_depth": keep_depth,
+        "omni3d_image_dir": omni3d_image_dir,
+        "omni3d_depth_dir": omni3d_depth_dir,
+        "omni3d_depth_format": omni3d_depth_format,
+        "omni3d_depth_scale": float(omni3d_depth_scale or DepthSpec(omni3d_depth_format).units_per_metre),
+    }  # fmt: skip
+
+
+def make_builder(config: dict[str, Any]):
+    """A `pipelines.plan.Builder` for a config from `make_config`."""
+    from pipelines.plan import Builder
+
+    sampler = SamplerConfig(**config["sampler"])
+    return Builder("pointmaps", config, list_inputs, [
+        ReadFrame(), SamplePoints(sampler),
+        Verbalize(sampler, config["points_per_conversation"], config["conversations"], config["keep_depth"]),
+    ])  # fmt: skip
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("point maps")
+    g.add_argument("--source", choices=SOURCES, required=True, help="which reader the frames come from")
+    g.add_argument("--embodiedscan", nargs="+", default=[], metavar="FILE", help="embodiedscan_infos_*.pkl files")
+    g.add_argument("--omni3d", nargs="+", default=[], metavar="FILE", help="Omni3D {Dataset}_{split}.json files")
+    g.add_argument("--rgbd", default=None, metavar="DIR", help="a generic RGB-D folder (see pipelines.sources.rgbd)")
+    g.add_argument("--data-root", default=None, metavar="DIR",
+                   help="root the EmbodiedScan / Omni3D paths are relative to (rgbd: defaults to --rgbd)")
+    g.add_argument("--points", type=int, default=100, help="points sampled per image (default 100)")
+    g.add_argument("--mode", choices=MODES, default="uniform", help="sampling mode (default uniform)")
+    g.add_argument("--min-valid-fraction", type=float, default=0.05,
+                   help="reject frames whose valid depth covers less than this fraction (default 0.05)")
+    g.add_argument("--max-depth", type=float, default=None, help="treat depth beyond this (m) as invalid")
+    g.add_argument("--depth-bins", type=int, default=8, help="strata of depth_stratified modes (default 8)")
+    g.add_argument("--edge-threshold", type=float, default=0.03,
+                   help="relative inverse-depth curvature that marks a depth edge (default 0.03)")
+    g.add_argument("--edge-radius", type=int, default=1, help="pixels excluded around depth edges (default 1)")
+    g.add_argument("--seed", type=int, default=0, help="mixed into every key's sampling seed (default 0)")
+    g.add_argument("--points-per-conversation", type=int, default=10, help="rounds per point_3d conversation")
+    g.add_argument("--conversations", type=int, default=1,
+                   help="point_3d conversations per record, over disjoint points (default 1)")
+    g.add_argument("--keep-depth", action="store_true",
+                   help="also store the depth map (KEY.depth.npy, float32 m) and its K (KEY.depth_k.npy)")
+    g.add_argument("--omni3d-image-dir", default="image", help="Omni3D: image folder name replaced by ...")
+    g.add_argument("--omni3d-depth-dir", default="depth", help="... this depth folder name (default depth)")
+    g.add_argument("--omni3d-depth-format", choices=DEPTH_FORMATS, default="png_u16")
+    g.add_argument("--omni3d-depth-scale", type=float, default=None, help="stored units per metre (default 1000)")
+
+
+def _make(args: argparse.Namespace):
+    """`gr3d build pointmaps`: option errors surface as `PlanError` (printed cleanly, exit 2)."""
+    from pipelines.plan import PlanError
+
+    try:
+        return make_builder(_config_from_args(args))
+    except ValueError as exc:
+        raise PlanError(f"pointmaps: {exc}") from None
+
+
+def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    sampler = SamplerConfig(n=args.points, mode=args.mode, min_valid_fraction=args.min_valid_fraction,
+                            max_depth=args.max_depth, depth_bins=args.depth_bins,
+                            edge_threshold=args.edge_threshold, edge_radius=args.edge_radius, seed=args.seed)
+    cfg = make_config(args.source, data_root=args.data_root or (args.rgbd if args.source == "rgbd" else None),
+                      embodiedscan=args.embodiedscan, omni3d=args.omni3d, rgbd=args.rgbd, sampler=sampler,
+                      points_per_conversation=args.points_per_conversation, conversations=args.conversations,
+                      keep_depth=args.keep_depth, omni3d_image_dir=args.omni3d_image_dir,
+                      omni3d_depth_dir=args.omni3d_depth_dir, omni3d_depth_format=args.omni3d_depth_format,
+                      omni3d_depth_scale=args.omni3d_depth_scale)
+    return cfg
+
+
+register_builder("pointmaps", _make, help="point-map corpus: images with sampled surface points (u, v, X, Y, Z)",
+                 add_arguments=_add_arguments)

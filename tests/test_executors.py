@@ -1,0 +1,190 @@
+"""Executors: the same toy build on a plain loop, the local executor, Ray and Beam gives the same bytes;
+failures are accounted for; setup errors stop the run; resumes redo only what is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.executors import run_build
+from pipelines.executors.chunk import run_chunk
+from pipelines.plan import make_plan, prepare_build_dir
+from pipelines.stage import Resources, StageSetupError
+from shards.writer import is_done, stats_path
+from tests.test_executors_toy import ToyModel, compared_files, toy_builder
+
+N, CS = 40, 10
+
+
+def _plain_loop(builder, out: Path) -> None:
+    """The simplest possible driver: no executor at all, chunk after chunk, then the manifest."""
+    from shards.manifest import code_version, finalize
+
+    plan = make_plan(builder.name, builder.config, builder.list_inputs(builder.config), out, CS)
+    prepare_build_dir(plan, builder.name, builder.config)
+    for c in plan.chunks:
+        run_chunk(builder.stages, c, out)
+    finalize(out, {"builder": builder.name, **builder.config}, code_version())
+
+
+def _run(builder, out: Path, executor: str, **kw):
+    kw.setdefault("chunk_size", CS)
+    return run_build(builder, out, executor, show_progress=False, **kw)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_beam_local_and_plain_loop_write_identical_bytes(tmp_path: Path, ray_session) -> None:
+    b = toy_builder(N)
+    _plain_loop(b, tmp_path / "loop")
+    ref = compared_files(tmp_path / "loop")
+    assert len([k for k in ref if k.endswith(".tar")]) == N // CS
+    runs = {
+        "local": dict(executor="local"),
+        "ray": dict(executor="ray", workers=2),
+        "beam-processes": dict(executor="beam", workers=2),
+        "beam-in-process": dict(executor="beam", workers=1),
+    }
+    for name, kw in runs.items():
+        res = _run(b, tmp_path / name, **kw)
+        assert res.processed == [0, 1, 2, 3], name
+        got = compared_files(tmp_path / name)
+        assert got.keys() == ref.keys(), name
+        diff = [k for k in ref if ref[k] != got[k]]
+        assert not diff, f"{name} differs from the plain loop in {diff}"
+    run = json.loads((tmp_path / "ray" / "run.json").read_text())
+    assert run["executor"] == "ray" and run["chunks_processed"] == [0, 1, 2, 3]
+
+
+@pytest.mark.ray
+def test_ray_fused_cpu_pipeline_is_worker_count_independent(tmp_path: Path, ray_session) -> None:
+    b = toy_builder(24, with_model=False)
+    _run(b, tmp_path / "local", "local", chunk_size=6)
+    _run(b, tmp_path / "ray1", "ray", chunk_size=6, workers=1)
+    assert compared_files(tmp_path / "ray1") == compared_files(tmp_path / "local")
+
+
+def test_sample_exceptions_become_rejects_and_counts_add_up(tmp_path: Path) -> None:
+    res = _run(toy_builder(N, fail_mod=7), tmp_path, "local")
+    t = res.manifest["totals"]
+    assert t["n_input"] == N and t["n_samples"] + t["n_rejected"] == N
+    rej = pq.read_table(tmp_path / "rejects.parquet").to_pylist()
+    exc = {r["key"]: r for r in rej if r["reason"] == "exception"}
+    want = {f"toy/s{i:05d}" for i in range(N) if i % 7 == 1}
+    assert set(exc) == want
+    assert all(r["stage"] == "render" and r["message"] == f"ValueError: corrupt input {k}" for k, r in exc.items())
+    index = pq.read_table(tmp_path / "index.parquet").column("key").to_pylist()
+    assert len(index) == t["n_samples"] and not (set(index) & {r["key"] for r in rej})
+    assert set(index) | {r["key"] for r in rej} == {f"toy/s{i:05d}" for i in range(N)}
+    assert res.manifest["rejects_by_reason"]["exception"] == len(want)
+    text = res.summary()
+    assert f"inputs: {N}" in text and "render: ValueError" in text and "rejects by reason: exception=" in text
+
+
+@pytest.mark.parametrize("executor", ["local", "beam", pytest.param("ray", marks=pytest.mark.ray)])
+def test_setup_failure_stops_the_run_with_a_clear_message(tmp_path: Path, executor: str, request) -> None:
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
+    b = toy_builder(12, fail_setup=True)
+    with pytest.raises(StageSetupError) as ei:
+        _run(b, tmp_path, executor, chunk_size=4, workers=1)
+    msg = str(ei.value)
+    assert msg == ("setup() of stage 'toy_model' failed: OSError: weights file /nonexistent/toy.safetensors "
+                   "not found"), msg
+    assert not any(is_done(tmp_path, i) for i in range(3)) and not (tmp_path / "manifest.json").exists()
+
+
+def test_rerun_reuses_model_intermediates_and_redoes_only_missing_chunks(tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    out = tmp_path / "build"
+    b = toy_builder(N, calls_dir=str(calls))
+    _run(b, out, "local")
+    first = compared_files(out)
+    model_calls = sum(len(p.read_text().splitlines()) for p in calls.iterdir())
+    assert model_calls == sum(json.loads(stats_path(out, i).read_text())["extra"]["stages"]["toy_model"]["in"]
+                              for i in range(4)) > 0
+    # a crash after chunk 2's model stage but before its shard completed:
+    stats_path(out, 2).unlink()
+    res = _run(b, out, "local")
+    assert res.processed == [2] and res.plan.done == [0, 1, 3]
+    assert sum(len(p.read_text().splitlines()) for p in calls.iterdir()) == model_calls  # no model call
+    st = json.loads(stats_path(out, 2).read_text())
+    assert st["timing"]["reused_intermediate"] == ["toy_model"]
+    assert compared_files(out) == first
+    run = json.loads((out / "run.json").read_text())
+    assert run["chunks_processed"] == [2] and run["chunks_skipped_done"] == [0, 1, 3]
+
+
+def test_limit_then_extend_resumes_and_equals_a_full_run(tmp_path: Path) -> None:
+    b = toy_builder(N)
+    r1 = _run(b, tmp_path / "grow", "local", limit=20)
+    assert r1.processed == [0, 1] and r1.manifest["totals"]["n_input"] == 20
+    r2 = _run(b, tmp_path / "grow", "local")
+    assert r2.processed == [2, 3] and r2.plan.done == [0, 1]
+    _run(b, tmp_path / "full", "local")
+    assert compared_files(tmp_path / "grow") == compared_files(tmp_path / "full")
+
+
+def test_cli_dry_run_summary_overwrite(tmp_path: Path, capsys) -> None:
+    from pipelines.cli import main
+
+    out = str(tmp_path / "b")
+    base = ["build", "toy", "--out", out, "--executor", "local", "--n", "30", "--quiet"]
+    assert main([*base, "--chunk-size", "10", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "dry run" in text and "chunks: 3" in text and "to do: 3 (30 inputs)" in text
+    assert not os.path.exists(out)
+    assert main([*base, "--chunk-size", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "inputs: 30" in text and "written: " in text and "processed this run: 3 chunk(s)" in text
+    assert main([*base, "--dry-run"]) == 0  # a resume takes the recorded chunk size
+    assert "done: 3  to do: 0" in capsys.readouterr().out
+    assert main([*base, "--chunk-size", "15"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*base, "--chunk-size", "15", "--overwrite"]) == 0
+    assert "processed this run: 2 chunk(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "b" / "shards").glob("*.tar")) == ["000000.tar", "000001.tar"]
+
+
+def test_ray_resource_plan_leaves_cpu_for_tasks_on_two_cores() -> None:
+    from pipelines.executors.ray_executor import resource_plan
+    from tests.test_executors_toy import Finalize, Render
+
+    rp = resource_plan([Render(), ToyModel(), Finalize()], n_chunks=10, cpus=2, gpus=0, workers=None, num_gpus=None)
+    assert [r["segment"].actors for r in rp] == [False, True, False]
+    actor = rp[1]
+    assert actor["size"] == 2 and actor["num_gpus"] == 0
+    held = actor["size"] * actor["num_cpus"]
+    assert held < 2 and all(r["num_cpus"] <= 2 - held for r in rp if not r["segment"].actors)
+
+    class GpuModel(ToyModel):
+        resources = Resources(cpus=1, gpus=1)
+
+    with pytest.raises(RuntimeError, match="--num-gpus 0"):
+        resource_plan([GpuModel()], n_chunks=4, cpus=2, gpus=0, workers=None, num_gpus=None)
+    rp = resource_plan([GpuModel()], n_chunks=4, cpus=64, gpus=8, workers=None, num_gpus=None)
+    assert rp[0]["size"] == 4 and rp[0]["num_gpus"] == 1 and rp[0]["num_cpus"] == 1
+    assert resource_plan([GpuModel()], n_chunks=4, cpus=2, gpus=0, workers=1, num_gpus=0)[0]["num_gpus"] == 0
+
+
+def test_beam_options_local_runner_never_prism_and_portable_runners_pass_through() -> None:
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    from pipelines.executors.beam_executor import pipeline_options
+
+    opts, local = pipeline_options([], workers=None, n_chunks=10)
+    d = opts.view_as(DirectOptions)
+    assert local and d.direct_num_workers == (os.cpu_count() or 1) and (
+        d.direct_running_mode == ("multi_processing" if (os.cpu_count() or 1) > 1 else "in_memory"))
+    opts, local = pipeline_options(["--runner=DirectRunner"], workers=4, n_chunks=2)
+    assert local and opts.view_as(DirectOptions).direct_num_workers == 2  # never more workers than chunks
+    flink = ["--runner=FlinkRunner", "--flink_master=flink:8081", "--environment_type=DOCKER", "--parallelism=8"]
+    opts, local = pipeline_options(flink, workers=2, n_chunks=100)
+    assert not local and opts.view_as(StandardOptions).runner == "FlinkRunner"
+    assert opts.get_all_options()["flink_master"] == "flink:8081" and opts.get_all_options()["parallelism"] == 8
+    assert opts.view_as(DirectOptions).direct_num_workers == 1  # untouched for a portable runner
