@@ -62,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--image-root", metavar="DIR", help="folder the GT images' file_path values are relative to"
     )
     gen.add_argument(
-        "--prompt", default=None, help="question template with {category} (default: predict.DEFAULT_PROMPT)"
+        "--prompt", default=None, help="question template with {category}/{plural} (default: the corpus's canonical detect_3d question)"
     )
     gen.add_argument("--max-new-tokens", type=int, default=512)
     gen.add_argument("--batch-size", type=int, default=8)

@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from schemas import grammar
+from schemas import grammar, prompts
 from schemas.camera import box_corners, normalization_scale
 
 __all__ = ["DEFAULT_PROMPT", "ParsedObject", "parse_answer", "answer_to_instances", "predict_omni3d"]
 
-DEFAULT_PROMPT = "Detect the 3D bounding boxes of all {category}s."
+DEFAULT_PROMPT = prompts.DETECT_3D[0]
+"""The corpus's canonical detection question (schemas.prompts, variant 0); {plural}, {name}, {category} are filled."""
 """Must match the det3d corpus' detect_3d question; `{category}` is the Omni3D category name."""
 
 
@@ -157,7 +158,9 @@ def predict_omni3d(
     tok = model.tokenizer
     region_id = tok.convert_tokens_to_ids(grammar.REGION)
     jobs: list[tuple[dict[str, Any], int, str]] = [
-        (im, cid, prompt.format(category=name)) for im in gt_images for cid, name in im["categories"]
+        (im, cid, prompt.format(category=name, name=name, plural=prompts.plural(name)))
+        for im in gt_images
+        for cid, name in im["categories"]
     ]
     per_image: dict[int, dict[str, Any]] = {
         int(im["id"]): {
