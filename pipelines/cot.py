@@ -84,6 +84,8 @@ SAME_BOX_IOU = 0.9  # candidates of different mentions this close are the same b
 
 REJECT_REASONS: dict[str, str] = {
     # read
+    "bad_source_file": "a whole RefSpatial file is unreadable (not UTF-8, invalid or truncated JSON): one row, "
+                       "the other files are still read",
     "malformed_record": "the RefSpatial record is not an object with image and conversations (reader)",
     "missing_image": "the image file does not exist (reader)",
     "path_escapes_root": "an image/depth path leaves its data root (reader)",
@@ -409,12 +411,18 @@ class ReadStage(Stage):
         path = it["image_paths"][0]
         try:
             with open(path, "rb") as fh:
-                head = fh.read(8)
+                data = fh.read()
         except OSError as exc:
             return rej("unreadable_image", f"{type(exc).__name__}: {exc}")
+        head = data[:8]
         ext = "png" if head.startswith(b"\x89PNG\r\n\x1a\n") else "jpg" if head.startswith(b"\xff\xd8\xff") else None
         if ext is None:
             return rej("unsupported_image_format", f"{Path(path).name}: not PNG or JPEG (first bytes {head[:4]!r})")
+        from shards.writer import image_problem
+
+        why = image_problem(data, ext)  # a file cut short passes PIL's header checks (verify() skips JPEG data)
+        if why is not None:
+            return rej("unreadable_image", f"{Path(path).name}: {why}")
         try:
             from PIL import Image
 
@@ -948,19 +956,27 @@ def list_inputs(config: dict[str, Any]) -> list[Item]:
     """One item per RefSpatial record; records the reader rejects are items carrying their reject.
 
     So read rejects flow through the pipeline and are counted like every other outcome
-    (written + rejected = input).
+    (written + rejected = input). A whole unreadable file (not UTF-8, invalid or truncated JSON) is one
+    `bad_source_file` item (with the records read before the damage), as in det3d and pointmaps.
     """
+    from pipelines.sources.common import SourceError
     from pipelines.sources.refspatial import RefSpatialFile, read_refspatial
+    from shards.keys import make_key
 
     specs = [RefSpatialFile(f["json"], f["image_root"], f["depth_root"], tag=f["tag"]) for f in config["files"]]
     items: list[Item] = []
-    for r in read_refspatial(specs, check_files=True):
-        if isinstance(r, Reject):
-            items.append({"key": r.key, "read_reject": [r.reason, r.message]})
-            continue
-        items.append({"key": r["key"], "id": r["id"],
-                      "source": {**r["source"], "record_index": r["record_index"]},
-                      "image_paths": r["image_paths"], "conversations": r["conversations"]})
+    for spec in specs:
+        try:
+            for r in read_refspatial([spec], check_files=True):
+                if isinstance(r, Reject):
+                    items.append({"key": r.key, "read_reject": [r.reason, r.message]})
+                    continue
+                items.append({"key": r["key"], "id": r["id"],
+                              "source": {**r["source"], "record_index": r["record_index"]},
+                              "image_paths": r["image_paths"], "conversations": r["conversations"]})
+        except SourceError as exc:  # the file as a whole is unusable: one reject row, the other files go on
+            items.append({"key": make_key("cot", "source_file", spec.file_tag()),
+                          "read_reject": ["bad_source_file", str(exc)]})
     return items
 
 

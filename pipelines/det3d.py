@@ -151,8 +151,10 @@ def list_inputs(config: dict[str, Any]) -> list[Item]:
 class Det3dRead(Stage):
     """Read each image's bytes as they are (no decode, no re-encode); format and size from the header.
 
-    Rejects: the readers' (stage `read`), missing_image, unreadable_image, unsupported_image_format,
-    image_size_mismatch (Omni3D's width/height disagree with the file; K and boxes would not fit it).
+    Rejects: the readers' (stage `read`), missing_image, unreadable_image (also a file cut short: the
+    header is intact but the pixel data is not all there, `shards.writer.image_problem`),
+    unsupported_image_format, image_size_mismatch (Omni3D's width/height disagree with the file; K and
+    boxes would not fit it).
     """
 
     name = "det3d_read"
@@ -160,6 +162,7 @@ class Det3dRead(Stage):
 
     def process(self, batch: list[Item]) -> tuple[list[Item], list[Reject]]:
         from pipelines.det3d_convert import image_header
+        from shards.writer import image_problem
 
         outs: list[Item] = []
         rejects: list[Reject] = []
@@ -189,6 +192,10 @@ class Det3dRead(Stage):
                 continue
             if w < 1 or h < 1:
                 rejects.append(Reject(key, self.name, "unsupported_image_format", f"{path}: header says {w}x{h}"))
+                continue
+            why = image_problem(data, ext)
+            if why is not None:
+                rejects.append(Reject(key, self.name, "unreadable_image", f"{path}: {why}"))
                 continue
             if it.get("width") is not None and (it["width"], it["height"]) != (w, h):
                 rejects.append(Reject(key, self.name, "image_size_mismatch",

@@ -290,20 +290,34 @@ def _omni3d_depth(item: Item, config: dict[str, Any]) -> tuple[str | None, str, 
 
 
 def _reader_items(config: dict[str, Any]):
+    """The reader's items and rejects, file by file: a whole file that cannot be read (an unsafe or truncated
+    pickle, invalid JSON) becomes one `bad_source_file` reject and the other files are still read, as in det3d.
+    """
+    from pipelines.sources.common import SourceError, read_reject, relative_to_root
+    from shards.keys import make_key
+
     src = config["source"]
     if src == "embodiedscan":
         from pipelines.sources.embodiedscan import read_embodiedscan
 
-        return read_embodiedscan(config["embodiedscan"], config["data_root"])
-    if src == "omni3d":
+        files, read = config["embodiedscan"], lambda f: read_embodiedscan([f], config["data_root"])
+    elif src == "omni3d":
         from pipelines.sources.omni3d import read_omni3d
 
-        return read_omni3d(config["omni3d"], config["data_root"], rules="none")
-    if src == "rgbd":
+        files, read = config["omni3d"], lambda f: read_omni3d([f], config["data_root"], rules="none")
+    elif src == "rgbd":
         from pipelines.sources.rgbd import read_rgbd
 
-        return read_rgbd(config["rgbd"])
-    raise ValueError(f"unknown point-map source {src!r}; choose one of {', '.join(SOURCES)}")
+        yield from read_rgbd(config["rgbd"])
+        return
+    else:
+        raise ValueError(f"unknown point-map source {src!r}; choose one of {', '.join(SOURCES)}")
+    for f in files:
+        try:
+            yield from read(f)
+        except SourceError as exc:
+            rel = relative_to_root(f, config["data_root"])
+            yield read_reject(make_key("pointmaps", "source_file", rel), "bad_source_file", str(exc))
 
 
 def _input_of(it: Item, config: dict[str, Any]) -> Item:
@@ -340,7 +354,8 @@ def list_inputs(config: dict[str, Any]) -> list[Item]:
     """Every frame of the configured source as a small input dict; read rejects travel as inputs too.
 
     A reader reject becomes an input `{"key", "read_reject": {reason, message}}` that the first stage
-    turns back into a reject row, so it is counted in the manifest like any other. A reject whose key
+    turns back into a reject row, so it is counted in the manifest like any other (a whole unreadable
+    annotation file is one `bad_source_file` row; the other files are still read). A reject whose key
     repeats an earlier input key (EmbodiedScan's `duplicate_key`) gets a `-dupN` suffix: keys must stay
     unique.
     """
@@ -380,7 +395,7 @@ class ReadFrame(Stage):
     """Read the image bytes (kept, not re-encoded) and decode the depth map into float32 metres.
 
     Rejects: the reader's own reasons (stage `read`), `missing_image`, `unsupported_image_format`,
-    `bad_image`, `image_size_mismatch`, the depth reasons of `pipelines.depth_io`, and
+    `bad_image` (also a file cut short, `shards.writer.image_problem`), `image_size_mismatch`, the depth reasons of `pipelines.depth_io`, and
     `depth_size_mismatch` (a depth map of another size than the image with no depth intrinsics of its own).
     """
 
@@ -404,6 +419,8 @@ class ReadFrame(Stage):
     def _read(self, it: Item) -> Item:
         from PIL import Image
 
+        from shards.writer import image_problem
+
         try:
             data = Path(it["image_path"]).read_bytes()
         except FileNotFoundError:
@@ -416,6 +433,9 @@ class ReadFrame(Stage):
                 w, h = im.size
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for a damaged header
             raise _FrameError("bad_image", f"{Path(it['image_path']).name}: {exc}") from None
+        why = image_problem(data, ext)
+        if why is not None:
+            raise _FrameError("bad_image", f"{Path(it['image_path']).name}: {why}")
         if it.get("width") is not None and (w, h) != (it["width"], it["height"]):
             raise _FrameError("image_size_mismatch",
                               f"image is {w}x{h} but the annotation says {it['width']}x{it['height']}")

@@ -41,7 +41,7 @@ from shards.keys import InvalidKey, validate_key
 
 __all__ = [
     "IMAGE_EXTS", "INDEX_SCHEMA", "REJECTS_SCHEMA", "Sample", "SampleError", "ShardWriter", "atomic_write", "check_sample",
-    "clean_partial", "index_path", "is_done", "member_names", "rejects_path", "shard_name", "shards_dir",
+    "clean_partial", "image_problem", "index_path", "is_done", "member_names", "rejects_path", "shard_name", "shards_dir",
     "stats_path", "tar_path", "tar_member_bytes", "tar_trailer", "write_parquet",
 ]
 
@@ -250,8 +250,8 @@ def _normalize_reject(r: Any) -> dict[str, Any]:
 def check_sample(s: Sample, rec: Mapping[str, Any], *, check_images: bool = True) -> None:
     """Rules that tie a schema-valid record to the sample's other members (shared with `shards.verify`).
 
-    Record key = sample key; image ext, magic number and (with `check_images`) pixel size match
-    the record; declared arrays = present arrays, named `[a-z0-9_]+` (webdataset lower-cases
+    Record key = sample key; image ext, magic number and (with `check_images`) completeness
+    (`image_problem`) and pixel size match the record; declared arrays = present arrays, named `[a-z0-9_]+` (webdataset lower-cases
     extensions); for point maps `points` is finite float32 (n, 5) with n = `points.n`.
     Raises `SampleError` naming the key.
     """
@@ -267,6 +267,9 @@ def check_sample(s: Sample, rec: Mapping[str, Any], *, check_images: bool = True
     if not bytes(s.image_bytes[:8]).startswith(_MAGIC[s.image_ext]):
         raise SampleError(f"sample {key!r}: image bytes are not a {s.image_ext} file (wrong magic number)")
     if check_images:
+        why = image_problem(bytes(s.image_bytes), s.image_ext)
+        if why is not None:
+            raise SampleError(f"sample {key!r}: {why}")
         _check_image_size(s, rec)
     declared, present = set(rec["arrays"]), set(s.arrays)
     if declared != present:
@@ -284,6 +287,56 @@ def check_sample(s: Sample, rec: Mapping[str, Any], *, check_images: bool = True
             raise SampleError(f"sample {key!r}: points.n = {rec['points']['n']} but the array has {pts.shape[0]} rows")
         if not np.isfinite(pts).all():
             raise SampleError(f"sample {key!r}: points hold non-finite values")
+
+
+def image_problem(data: bytes, ext: str) -> str | None:
+    """Why `data` is not a complete `ext` ("png" | "jpg") file, or None; checks structure, decodes nothing.
+
+    Shards keep the original bytes and nobody decodes them until training, so a download cut short
+    (header intact, pixel data missing) would pass every header check and fail, or silently show grey
+    rows, in the trainer. PNG: the chunk chain must reach IEND within the data. JPEG: the marker
+    segments are walked to the first scan (skipping APP segments, whose EXIF thumbnails carry their
+    own end marker) and an end-of-image marker must follow it; entropy-coded data cannot contain one
+    (0xFF is byte-stuffed), so this finds exactly the end of the main image. Trailing bytes after the
+    end are allowed (cameras append metadata). Cost: one memchr-speed scan of the bytes.
+    """
+    if ext == "png":
+        if not data.startswith(_MAGIC["png"]):
+            return "not a PNG file (wrong magic number)"
+        pos, n = 8, len(data)
+        while pos + 8 <= n:
+            length = int.from_bytes(data[pos:pos + 4], "big")
+            end = pos + 12 + length
+            if end > n:
+                return f"truncated PNG: chunk {bytes(data[pos + 4:pos + 8])!r} at byte {pos} runs past the end ({n} bytes)"
+            if data[pos + 4:pos + 8] == b"IEND":
+                return None
+            pos = end
+        return f"truncated PNG: no IEND chunk in {n} bytes"
+    if ext == "jpg":
+        if not data.startswith(_MAGIC["jpg"]):
+            return "not a JPEG file (wrong magic number)"
+        pos, n = 2, len(data)
+        while pos + 4 <= n:
+            if data[pos] != 0xFF:
+                return f"corrupt JPEG: marker expected at byte {pos}"
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+                pos += 2
+                continue
+            if marker == 0xD9:
+                return f"corrupt JPEG: end-of-image marker at byte {pos}, before any image data"
+            seg_end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            if marker == 0xDA:  # start of scan: the image data follows, up to the EOI marker
+                if data.find(b"\xff\xd9", seg_end) < 0:
+                    return f"truncated JPEG: no end-of-image marker after the image data ({n} bytes)"
+                return None
+            pos = seg_end
+        return f"truncated JPEG: no image data (start-of-scan marker) in {n} bytes"
+    return f"unknown image extension {ext!r}"
 
 
 def _check_image_size(s: Sample, rec: Mapping[str, Any]) -> None:

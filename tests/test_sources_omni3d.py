@@ -137,13 +137,13 @@ def test_bad_image_is_rejected_with_a_reason_and_the_rest_is_read(sample_world, 
 def test_orphan_and_duplicate_and_malformed_entries(sample_world, tmp_path):
     def edit(d):
         d["annotations"].append({**d["annotations"][0], "id": 999, "image_id": 424242})
-        d["images"].append(dict(d["images"][0]))  # same id again
+        d["images"].append(dict(d["images"][0]))  # same id again: both images are ambiguous
         d["images"].append("not an image")
-        d["annotations"][0]["bbox3D_cam"] = [[0, 0]]
+        next(a for a in d["annotations"] if a["image_id"] == d["images"][1]["id"])["bbox3D_cam"] = [[0, 0]]
 
     p = _damaged(sample_world, tmp_path, edit)
     items, rejects = split_results(read_omni3d([p], sample_world.root))
-    assert sorted(r.reason for r in rejects) == ["duplicate_image_id", "malformed_image", "orphan_annotation"]
+    assert sorted(r.reason for r in rejects) == ["duplicate_image_id"] * 2 + ["malformed_image", "orphan_annotation"]
     bad = [a for it in items for a in it["annotations"] if a["ignore_reasons"] == ["malformed_bbox3D_cam"]]
     assert len(bad) == 1 and bad[0]["ignore"]
 

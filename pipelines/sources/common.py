@@ -16,6 +16,7 @@ from typing import Any
 from pipelines.stage import Reject
 
 __all__ = [
+    "MAX_CATEGORY_CHARS",
     "Item",
     "ReadReject",
     "ReadResult",
@@ -27,6 +28,10 @@ __all__ = [
     "resolve_under",
     "relative_to_root",
 ]
+
+MAX_CATEGORY_CHARS = 200
+"""A category name is a short noun phrase. An empty one, or a 50 MB string from a corrupt file, is a malformed
+annotation: written as a category it would land in every detection prompt and answer of the image."""
 
 Item = dict[str, Any]
 """One readable input: JSON-able except numpy arrays, with "key", "source" {dataset, file, id}, "format"."""

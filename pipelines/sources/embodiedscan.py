@@ -19,6 +19,7 @@ import numpy as np
 
 from pipelines.geometry import intrinsics_from_cam2img, pose_camera_to_world
 from pipelines.sources.common import (
+    MAX_CATEGORY_CHARS,
     PathEscapesRoot,
     ReadResult,
     SourceError,
@@ -81,8 +82,11 @@ def read_embodiedscan(
         rel_file = relative_to_root(path, data_root)
         names: dict[int, str] = {}
         for name, cid in info["metainfo"]["categories"].items():
-            if isinstance(cid, int | np.integer) and not isinstance(cid, bool):
-                names[int(cid)] = str(name)
+            # an empty or absurdly long name (a corrupt file) leaves its label unknown: its boxes are dropped
+            nm = str(name)
+            if nm.strip() and len(nm) <= MAX_CATEGORY_CHARS and isinstance(cid, int | np.integer) \
+                    and not isinstance(cid, bool):
+                names[int(cid)] = nm
         for si, scan in enumerate(info["data_list"]):
             yield from _read_scan(scan, si, rel_file, data_root, names, check_files, seen)
 

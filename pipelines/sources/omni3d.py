@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.sources.common import (
+    MAX_CATEGORY_CHARS,
     PathEscapesRoot,
     ReadResult,
     SourceError,
@@ -87,7 +89,8 @@ def _malformed(ann: dict[str, Any]) -> str | None:
             return name
         if a.shape != shape or not np.all(np.isfinite(a)):
             return name
-    if not isinstance(ann.get("category_name"), str):
+    cat = ann.get("category_name")
+    if not isinstance(cat, str) or not cat.strip() or len(cat) > MAX_CATEGORY_CHARS:
         return "category_name"
     return None
 
@@ -194,8 +197,12 @@ def read_omni3d(
             iid = a.get("image_id") if isinstance(a, dict) else None
             anns_by_image.setdefault(iid, []).append(a)
         image_ids = {img.get("id") for img in data["images"] if isinstance(img, dict) and isinstance(img.get("id"), int)}
+        # an id used by several images of one file: annotations point at images by id, so which boxes belong to
+        # which image cannot be told; every image with that id is rejected (none silently gets the others' boxes)
+        in_file = Counter(img.get("id") for img in data["images"] if isinstance(img, dict))
         for pos, img in enumerate(data["images"]):
-            yield _read_image(img, pos, dataset, split, rel_file, data_root, rules, check_files, anns_by_image, seen)
+            yield _read_image(img, pos, dataset, split, rel_file, data_root, rules, check_files, anns_by_image, seen,
+                              in_file)
         for iid, anns in anns_by_image.items():
             if iid in image_ids and not isinstance(iid, bool):
                 continue
@@ -206,12 +213,17 @@ def read_omni3d(
 
 
 def _read_image(img: object, pos: int, dataset: str, split: str, rel_file: str, data_root: str | os.PathLike,
-                rules: IgnoreRules, check_files: bool, anns_by_image: dict, seen: dict[int, str]) -> ReadResult:
+                rules: IgnoreRules, check_files: bool, anns_by_image: dict, seen: dict[int, str],
+                in_file: Counter) -> ReadResult:
     if not isinstance(img, dict) or isinstance(img.get("id"), bool) or not isinstance(img.get("id"), int):
         return read_reject(make_key("omni3d", dataset, "position", pos), "malformed_image",
                            f"{rel_file}: images[{pos}] has no integer 'id'")
     iid = img["id"]
     key = make_key("omni3d", dataset, str(iid))
+    if in_file[iid] > 1:
+        seen[iid] = rel_file
+        return read_reject(key, "duplicate_image_id", f"{rel_file}: image id {iid} is used by {in_file[iid]} images "
+                                                      "of the file: its annotations cannot be attributed")
     if iid in seen:
         return read_reject(key, "duplicate_image_id", f"{rel_file}: image id {iid} already read from {seen[iid]}")
     seen[iid] = rel_file
