@@ -82,6 +82,22 @@ def test_det3d_errors_name_path_and_rule(mutate: Callable[[dict[str, Any]], None
     assert f"{path}:" in str(ei.value) and f"[{rule}]" in str(ei.value)
 
 
+@pytest.mark.parametrize("mutate,path,rule", [b for b in DET3D_BREAKS if b[2] not in ("finite",)],
+                         ids=[f"{p}:{r}" for _, p, r in DET3D_BREAKS if r not in ("finite",)])
+def test_compiled_fast_path_agrees_with_jsonschema(mutate: Callable[[dict[str, Any]], None], path: str,
+                                                   rule: str) -> None:
+    """The compiled validator on the writers' hot path must refuse what jsonschema refuses (and pass the rest)."""
+    from schemas.records import _fast_validator, _validator
+
+    good = det3d_record()
+    assert _fast_validator("det3d")(good) and _validator("det3d").is_valid(good)
+    rec = det3d_record()
+    mutate(rec)
+    assert _fast_validator("det3d")(rec) == _validator("det3d").is_valid(rec)
+    for kind, make in (("pointmap", pointmap_record), ("cot", cot_record)):
+        assert _fast_validator(kind)(make())
+
+
 def test_two_detect_3d_for_one_category_is_refused() -> None:
     rec = det3d_record()
     rec["conversations"].append(copy.deepcopy(rec["conversations"][0]))
