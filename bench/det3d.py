@@ -84,11 +84,11 @@ def _replicated(builder: Any, times: int) -> tuple[Any, float, float]:
     listing (readers + trimming, best of 5) and of planning (sort + chunk digests)."""
     from pipelines.plan import make_plan
 
-    builder.list_inputs(builder.config)  # imports and file cache warm
+    list(builder.list_inputs(builder.config))  # imports and file cache warm
     list_ms = []
     for _ in range(5):
         c0 = time.process_time()
-        base = builder.list_inputs(builder.config)
+        base = list(builder.list_inputs(builder.config))  # builders yield their listing
         list_ms.append(1000 * (time.process_time() - c0) / len(base))
     items = [{**it, "key": f"{it['key']}/r{r:03d}"} for r in range(times) for it in base]
     c0 = time.process_time()

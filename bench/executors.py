@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             base_steady = max(steadies["local"]) if "local" in times else float("nan")
             for ex in executors:
                 best, med, st = min(times[ex]), statistics.median(times[ex]), max(steadies[ex])
-                same = "reference" if ex == "local" else (
-                    "identical" if outputs.get("local") == outputs[ex] else "DIFFERENT")
+                diff = sorted(k for k in outputs[ex] if outputs.get("local", {}).get(k) != outputs[ex][k])
+                same = "reference" if ex == "local" else ("identical" if not diff else f"DIFFERENT: {diff[:4]}")
                 rows.append((pipe, ex, best, med, args.n / best, base / best, st, st / base_steady, same))
     finally:
         if ray_started:

@@ -46,7 +46,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ __all__ = [
     "AnnotatorSpec",
     "make_cot_builder",
     "resolve_refspatial_files",
+    "iter_inputs",
     "list_inputs",
     "find_point_lists",
     "assign_boxes",
@@ -953,7 +954,13 @@ def resolve_refspatial_files(files: Sequence[str | os.PathLike[str]], data_root:
 
 
 def list_inputs(config: dict[str, Any]) -> list[Item]:
-    """One item per RefSpatial record; records the reader rejects are items carrying their reject.
+    """`iter_inputs` as a list (tests and tools that index or reuse the listing; builds stream it)."""
+    return list(iter_inputs(config))
+
+
+def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
+    """One item per RefSpatial record, yielded as the streaming reader parses it (the plan encodes each
+    item as it comes); records the reader rejects are items carrying their reject.
 
     So read rejects flow through the pipeline and are counted like every other outcome
     (written + rejected = input). A whole unreadable file (not UTF-8, invalid or truncated JSON) is one
@@ -964,20 +971,16 @@ def list_inputs(config: dict[str, Any]) -> list[Item]:
     from shards.keys import make_key
 
     specs = [RefSpatialFile(f["json"], f["image_root"], f["depth_root"], tag=f["tag"]) for f in config["files"]]
-    items: list[Item] = []
     for spec in specs:
         try:
             for r in read_refspatial([spec], check_files=True):
                 if isinstance(r, Reject):
-                    items.append({"key": r.key, "read_reject": [r.reason, r.message]})
+                    yield {"key": r.key, "read_reject": [r.reason, r.message]}
                     continue
-                items.append({"key": r["key"], "id": r["id"],
-                              "source": {**r["source"], "record_index": r["record_index"]},
-                              "image_paths": r["image_paths"], "conversations": r["conversations"]})
+                yield {"key": r["key"], "id": r["id"], "source": {**r["source"], "record_index": r["record_index"]},
+                       "image_paths": r["image_paths"], "conversations": r["conversations"]}
         except SourceError as exc:  # the file as a whole is unusable: one reject row, the other files go on
-            items.append({"key": make_key("cot", "source_file", spec.file_tag()),
-                          "read_reject": ["bad_source_file", str(exc)]})
-    return items
+            yield {"key": make_key("cot", "source_file", spec.file_tag()), "read_reject": ["bad_source_file", str(exc)]}
 
 
 # ============================================================================ builder
@@ -1121,7 +1124,7 @@ def make_cot_builder(
         "extra_nouns": sorted(set(extra_nouns)),
         "versions": {"prompt": PROMPT_VERSION, "tagger": TAGGER_VERSION, "mentions": "rules-v1", "cot": "cot-v1"},
     }
-    return Builder("cot", config, list_inputs, stages)
+    return Builder("cot", config, iter_inputs, stages)
 
 
 # ============================================================================ CLI

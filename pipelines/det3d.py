@@ -2,9 +2,9 @@
 
     gr3d build det3d --omni3d FILE... --embodiedscan FILE... --data-root DIR --out DIR [--executor ray|beam]
 
-The listing (`list_inputs`) runs the real-format readers in the driver and keeps, per image, only what the
-conversion needs (intrinsics, pose, boxes, the image path) as small JSON-able dicts, so chunks are cheap
-to digest and to ship to workers; readers' rejects travel as items too and become reject rows in the
+The listing (`iter_inputs`, a generator) runs the real-format readers in the driver and yields, per image,
+only what the conversion needs (intrinsics, pose, boxes, the image path) as small JSON-able dicts, which
+the plan encodes one by one, so chunks are cheap to digest and to ship to workers; readers' rejects travel as items too and become reject rows in the
 first stage, so every input ends as a sample or a reject. Two CPU stages follow:
 `det3d_read` reads the image bytes (never decoded: format and size come from the file header) and
 `det3d_convert` turns the annotations into canonical boxes, the record and its conversations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from pipelines.build_cli import register_builder
 from pipelines.plan import Builder
 from pipelines.stage import Item, Reject, Stage
 
-__all__ = ["BUILDER_NAME", "Det3dRead", "Det3dConvert", "make_builder", "list_inputs", "omni3d_rules",
+__all__ = ["BUILDER_NAME", "Det3dRead", "Det3dConvert", "make_builder", "iter_inputs", "list_inputs", "omni3d_rules",
            "parse_rule"]
 
 BUILDER_NAME = "det3d"
@@ -99,7 +99,15 @@ def _es_item(it: dict[str, Any]) -> Item:
 
 
 def list_inputs(config: dict[str, Any]) -> list[Item]:
-    """One item per Omni3D image and per EmbodiedScan frame, plus one per reader reject.
+    """`iter_inputs` as a list (tests and tools that index or reuse the listing; builds stream it)."""
+    return list(iter_inputs(config))
+
+
+def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
+    """One item per Omni3D image and per EmbodiedScan frame, plus one per reader reject, yielded as read.
+
+    A generator, so the build's plan encodes each item as it comes (`pipelines.plan.encode_inputs`) and
+    the listing never exists as a list of dicts (bench/memory.md).
 
     A reader reject becomes `{"key", "read_reject": {"reason", "message"}}` (emitted as a reject row by
     `det3d_read`); a reject whose key repeats an earlier one (a duplicate image id) gets a `dup-N` suffix,
@@ -112,38 +120,35 @@ def list_inputs(config: dict[str, Any]) -> list[Item]:
     from shards.keys import make_key
 
     root = config["data_root"]
-    out: list[Item] = []
     seen: set[str] = set()
 
-    def add(r: Any, lean: Any) -> None:
+    def entry(r: Any, lean: Any) -> Item:
         if isinstance(r, _Reject):
             key, n = r.key, 0
             while key in seen:
                 n += 1
                 key = make_key(*r.key.split("/"), f"dup-{n}")
             seen.add(key)
-            out.append({"key": key, "read_reject": {"reason": r.reason, "message": r.message}})
-            return
+            return {"key": key, "read_reject": {"reason": r.reason, "message": r.message}}
         if r["key"] in seen:  # readers never repeat an item key; a reject may have taken it first
-            add(_Reject(r["key"], READ_STAGE, "duplicate_key", f"another input already has key {r['key']}"), lean)
-            return
+            return entry(_Reject(r["key"], READ_STAGE, "duplicate_key", f"another input already has key {r['key']}"),
+                         lean)
         seen.add(r["key"])
-        out.append(lean(r))
+        return lean(r)
 
-    def read_file(path: str, reader: Any, lean: Any) -> None:
+    def read_file(path: str, reader: Any, lean: Any) -> Iterator[Item]:
         try:
             for r in reader(path):
-                add(r, lean)
+                yield entry(r, lean)
         except SourceError as exc:  # the file as a whole is unusable: one reject row says so
-            add(_Reject(make_key("det3d", "source_file", path), READ_STAGE, "bad_source_file", str(exc)), lean)
+            yield entry(_Reject(make_key("det3d", "source_file", path), READ_STAGE, "bad_source_file", str(exc)), lean)
 
     conv = config.get("convert", {})
     rules = omni3d_rules(conv.get("omni3d_ignore", "train"), conv.get("omni3d_rules"))
     for f in config.get("omni3d", []):
-        read_file(f, lambda p: read_omni3d([p], root, rules, check_files=False), _omni3d_item)
+        yield from read_file(f, lambda p: read_omni3d([p], root, rules, check_files=False), _omni3d_item)
     for f in config.get("embodiedscan", []):
-        read_file(f, lambda p: read_embodiedscan([p], root, check_files=False), _es_item)
-    return out
+        yield from read_file(f, lambda p: read_embodiedscan([p], root, check_files=False), _es_item)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -266,7 +271,7 @@ def make_builder(omni3d: Sequence[str | Path] = (), embodiedscan: Sequence[str |
         "data_root": str(data_root),
         "convert": cfg,
     }
-    return Builder(BUILDER_NAME, config, list_inputs, [Det3dRead(), Det3dConvert(cfg)])
+    return Builder(BUILDER_NAME, config, iter_inputs, [Det3dRead(), Det3dConvert(cfg)])
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

@@ -31,7 +31,7 @@ import argparse
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ __all__ = [
     "sample_frame",
     "verbalize",
     "build_record",
+    "iter_inputs",
     "list_inputs",
     "make_builder",
     "ReadFrame",
@@ -351,7 +352,13 @@ def _input_of(it: Item, config: dict[str, Any]) -> Item:
 
 
 def list_inputs(config: dict[str, Any]) -> list[Item]:
-    """Every frame of the configured source as a small input dict; read rejects travel as inputs too.
+    """`iter_inputs` as a list (tests and tools that index or reuse the listing; builds stream it)."""
+    return list(iter_inputs(config))
+
+
+def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
+    """Every frame of the configured source as a small input dict, yielded as read (the plan encodes
+    each one as it comes, so the listing never exists as a list of dicts); read rejects travel as inputs too.
 
     A reader reject becomes an input `{"key", "read_reject": {reason, message}}` that the first stage
     turns back into a reject row, so it is counted in the manifest like any other (a whole unreadable
@@ -361,7 +368,6 @@ def list_inputs(config: dict[str, Any]) -> list[Item]:
     """
     from pipelines.sources.common import is_reject
 
-    out: list[Item] = []
     seen: dict[str, int] = {}
     for r in _reader_items(config):
         if is_reject(r):
@@ -370,16 +376,15 @@ def list_inputs(config: dict[str, Any]) -> list[Item]:
                 seen[key] += 1
                 key = f"{key}-dup{seen[key]}"
             seen.setdefault(key, 0)
-            out.append({"key": key, "read_reject": {"reason": r.reason, "message": r.message}})
+            yield {"key": key, "read_reject": {"reason": r.reason, "message": r.message}}
         else:
             if r["key"] in seen:
                 seen[r["key"]] += 1
-                out.append({"key": f"{r['key']}-dup{seen[r['key']]}",
-                            "read_reject": {"reason": "duplicate_key", "message": f"frame key {r['key']} repeats"}})
+                yield {"key": f"{r['key']}-dup{seen[r['key']]}",
+                       "read_reject": {"reason": "duplicate_key", "message": f"frame key {r['key']} repeats"}}
                 continue
             seen[r["key"]] = 0
-            out.append(_input_of(r, config))
-    return out
+            yield _input_of(r, config)
 
 
 # ---------------------------------------------------------------- stages
@@ -562,7 +567,7 @@ def make_builder(config: dict[str, Any]):
     from pipelines.plan import Builder
 
     sampler = SamplerConfig(**config["sampler"])
-    return Builder("pointmaps", config, list_inputs, [
+    return Builder("pointmaps", config, iter_inputs, [
         ReadFrame(), SamplePoints(sampler),
         Verbalize(sampler, config["points_per_conversation"], config["conversations"], config["keep_depth"]),
     ])  # fmt: skip

@@ -58,6 +58,11 @@ class Reject:
         return asdict(self)
 
 
+def _snake(name: str) -> str:
+    """`ToyModel` -> `toy_model`, `VLMVerifier` -> `vlm_verifier`."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
 class StageSetupError(RuntimeError):
     """A stage's `setup()` failed: the whole run stops, since no sample of that stage could succeed."""
 
@@ -105,7 +110,7 @@ class Stage:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("name"):
-            cls.name = "".join("_" + c.lower() if c.isupper() else c for c in cls.__name__).lstrip("_")
+            cls.name = _snake(cls.__name__)
         if cls.batch_size < 1:
             raise ValueError(f"{cls.__name__}.batch_size must be >= 1")
 

@@ -84,7 +84,7 @@ def outcome(out: Path) -> tuple[set[str], dict[str, list[dict[str, Any]]]]:
 
 def clean_keys(builder: Any) -> set[str]:
     """The keys a builder lists for the clean world (none of them is a reader reject there)."""
-    items = builder.list_inputs(builder.config)
+    items = list(builder.list_inputs(builder.config))  # builders yield their listing
     assert not [it for it in items if "read_reject" in it]
     return {it["key"] for it in items}
 

@@ -179,7 +179,7 @@ def truth(sample_world: Any) -> Truth:
 def _convert_all(world: Any, **convert: Any) -> tuple[list[dict[str, Any]], list[Any]]:
     """Records of every input, through the builder's listing and stages, without writing shards."""
     b = make_builder(world.omni3d_files, world.embodiedscan_files, world.root, **convert)
-    items = b.list_inputs(b.config)
+    items = list(b.list_inputs(b.config))  # builders yield their listing
     read, conv = b.stages
     o1, r1 = read.process(items)
     o2, r2 = conv.process(o1)

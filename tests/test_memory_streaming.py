@@ -2,8 +2,9 @@
 
 `bench/memory.py` measures whole builds (driver listing included) over 1x and 4x the input; this test
 guards the part that must be O(chunk): planning, the stages, the shard writer and the manifest. The
-builder's listing is done before measuring and handed to the build as a ready list (as the driver holds it),
-so only what `run_build` allocates on top is traced (tracemalloc: Python objects, numpy arrays, image
+builder's listing is done and encoded before measuring and handed to the build as a ready
+`EncodedInputs` (as the driver holds it: one compact blob per input, `pipelines.plan.encode_inputs`), so
+only what `run_build` allocates on top is traced (tracemalloc: Python objects, numpy arrays, image
 bytes). The det3d build over 4x the inputs, same chunk size, must peak within 1.3x of the 1x peak: an
 executor or writer that kept every sample, record or image of the run until the end would grow with the
 corpus (about 4x here) and fail.
@@ -18,13 +19,15 @@ from typing import Any
 
 from pipelines.det3d import make_builder
 from pipelines.executors import run_build
+from pipelines.plan import encode_inputs
 
 CHUNK = 48  # 1x is 2 chunks, 4x is 8: the chunk-level peak dominates the small O(n) part (plan, keys)
 
 
 def traced_peak(builder: Any, items: list[dict[str, Any]], out: Path) -> tuple[int, int]:
     """(peak bytes that `run_build` allocates above what existed before, samples written)."""
-    builder.list_inputs = lambda config: items
+    listing = encode_inputs(items)
+    builder.list_inputs = lambda config: listing
     gc.collect()
     tracemalloc.start()
     try:
@@ -39,7 +42,7 @@ def traced_peak(builder: Any, items: list[dict[str, Any]], out: Path) -> tuple[i
 
 def test_det3d_build_allocations_do_not_grow_with_the_corpus(sample_world: Any, tmp_path: Path) -> None:
     b = make_builder(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root)
-    base = b.list_inputs(b.config)  # 12 inputs: the world's Omni3D images and EmbodiedScan frames
+    base = list(b.list_inputs(b.config))  # 12 inputs: the world's Omni3D images and EmbodiedScan frames
     small = [{**it, "key": f"{it['key']}/r{r:03d}"} for r in range(8) for it in base]
     large = [{**it, "key": f"{it['key']}/r{r:03d}"} for r in range(32) for it in base]
     run_build(make_builder(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root),

@@ -50,6 +50,11 @@ def test_resources_and_reject_are_validated() -> None:
 
 def test_stage_defaults_name_and_actor_placement() -> None:
     assert Picky.name == "picky" and BrokenSetup.name == "broken_setup"
+
+    class VLMVerifier(Stage):
+        pass
+
+    assert VLMVerifier.name == "vlm_verifier"
     assert ToyModel.name == "toy_model" and ToyModel().runs_on_actors
     assert not Render().runs_on_actors
 

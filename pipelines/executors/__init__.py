@@ -29,6 +29,7 @@ from pipelines import progress as progress_mod
 from pipelines.plan import (
     Builder,
     BuildPlan,
+    encode_inputs,
     make_plan,
     prepare_build_dir,
     recorded_chunk_size,
@@ -150,7 +151,8 @@ def run_build(builder: Builder, out_dir: str | Path, executor: str = "ray", *, w
         raise BuildError(f"--workers must be >= 1, got {workers}")
     build_dir = Path(out_dir).resolve()
     t0 = time.perf_counter()
-    inputs = builder.list_inputs(builder.config)
+    # Consumed item by item into sorted (key, blob) pairs: the driver never holds every input as a dict.
+    inputs = encode_inputs(builder.list_inputs(builder.config))
     if overwrite and not dry_run:
         remove_build_outputs(build_dir)
     if chunk_size is None:
@@ -158,6 +160,7 @@ def run_build(builder: Builder, out_dir: str | Path, executor: str = "ray", *, w
     # A dry run with --overwrite shows what the overwrite would do: every chunk to do.
     plan = make_plan(builder.name, builder.config, inputs, build_dir, chunk_size, limit,
                      ignore_existing=overwrite and dry_run)
+    del inputs  # the chunks hold the blobs now; drop the pairs list for the rest of the run
     result = BuildResult(build_dir, executor, plan, dry_run=dry_run)
     if dry_run:
         return result

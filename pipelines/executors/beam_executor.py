@@ -36,7 +36,7 @@ from apache_beam.options.pipeline_options import (
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from pipelines import progress as progress_mod
-from pipelines.executors.chunk import new_state, run_stage, segments, write_chunk
+from pipelines.executors.chunk import load_state, run_stage, segments, write_chunk
 from pipelines.plan import BuildPlan
 from pipelines.progress import Progress
 from pipelines.stage import Stage
@@ -62,7 +62,7 @@ class SegmentDoFn(beam.DoFn):
 
     def process(self, element: tuple[int, bytes]) -> Iterator[Any]:
         index, blob = element
-        state = pickle.loads(blob)
+        state = load_state(blob)  # the first DoFn gets the plan's Chunk, later ones a ChunkState
         for s in self.stages:
             run_stage(s, state, self.build_dir, self._report)
         if self.write:
@@ -109,7 +109,7 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
 
     p = beam.Pipeline(runner=FnApiRunner(), options=opts) if local else beam.Pipeline(options=opts)
     pcoll = (p
-             | "chunks" >> beam.Create([(i, pickle.dumps(new_state(plan.chunks[i]), protocol=5)) for i in todo])
+             | "chunks" >> beam.Create([(i, pickle.dumps(plan.chunks[i], protocol=5)) for i in todo])
              | "spread" >> beam.Reshuffle())
     segs = segments(stages)
     for k, seg in enumerate(segs):

@@ -13,6 +13,7 @@ actor pools, Beam DoFns) with its accumulated rejects, per-stage counts and timi
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -63,7 +64,18 @@ def segments(stages: Sequence[Stage]) -> list[Segment]:
 
 
 def new_state(chunk: Chunk) -> ChunkState:
-    return ChunkState(chunk.index, chunk.keys, [dict(it) for it in chunk.items])
+    """The chunk's starting state: its items decoded here, where the chunk runs (the plan holds blobs)."""
+    return ChunkState(chunk.index, chunk.keys, chunk.decode())
+
+
+def load_state(blob: bytes) -> ChunkState:
+    """Unpickle what an executor ships between steps: a `ChunkState`, or on the first hop a `Chunk`.
+
+    Ray and Beam send the plan's compact `Chunk` (encoded items) to the first worker, which decodes it
+    with `new_state`; so the driver never holds every chunk's items as dicts.
+    """
+    obj = pickle.loads(blob)
+    return new_state(obj) if isinstance(obj, Chunk) else obj
 
 
 def exception_message(exc: BaseException) -> str:

@@ -7,7 +7,8 @@ Dataset shape: `from_items([{index, state}])` with one block per chunk, then one
 - a model stage (`is_model` or `resources.gpus > 0`) gets its own `map_batches` on an actor pool
   (`ActorPoolStrategy(size=workers)`, `num_gpus`), so `setup()` loads the model once per actor;
 - the shard is written by the last CPU segment (or a final write task when the last stage is a model).
-`state` is the pickled `ChunkState`: items, rejects and counts travel with the chunk between operators.
+`state` is the pickled plan `Chunk` (encoded items) on the first hop, then the pickled `ChunkState`:
+items, rejects and counts travel with the chunk between operators.
 
 No deadlock on small machines: actors hold their CPUs for the whole run, so actor and task CPU requests
 are scaled down to fractions such that the actor pools plus at least one task always fit in the
@@ -32,7 +33,7 @@ import pyarrow as pa
 import ray
 
 from pipelines.executors import BuildError
-from pipelines.executors.chunk import ChunkState, Segment, new_state, run_stage, segments, write_chunk
+from pipelines.executors.chunk import ChunkState, Segment, load_state, run_stage, segments, write_chunk
 from pipelines.plan import BuildPlan
 from pipelines.progress import Progress
 from pipelines.stage import Stage
@@ -67,8 +68,8 @@ def _reporter(actor: Any):
 
 
 def _rows(table: pa.Table) -> list[tuple[int, ChunkState]]:
-    return [(int(i), pickle.loads(s)) for i, s in zip(table.column("index").to_pylist(),
-                                                        table.column("state").to_pylist())]
+    return [(int(i), load_state(s)) for i, s in zip(table.column("index").to_pylist(),
+                                                      table.column("state").to_pylist())]
 
 
 def _table(states: list[tuple[int, ChunkState | None, str]]) -> pa.Table:
@@ -199,9 +200,10 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
                               workers, num_gpus)
         pactor = _ProgressActor.remote() if progress is not None and progress.enabled else None
 
-        # One row and one block per chunk: each chunk is an independent unit of scheduling.
+        # One row and one block per chunk: each chunk is an independent unit of scheduling. A row carries
+        # the plan's Chunk (encoded items); the first worker decodes it (`load_state`).
         ds = ray.data.from_items(
-            [{"index": i, "state": pickle.dumps(new_state(plan.chunks[i]), protocol=5), "done": ""} for i in todo],
+            [{"index": i, "state": pickle.dumps(plan.chunks[i], protocol=5), "done": ""} for i in todo],
             override_num_blocks=len(todo))
         build_dir = str(plan.build_dir)
         last = len(rplan) - 1
