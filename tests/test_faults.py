@@ -34,7 +34,7 @@ import pytest
 
 from pipelines.build_cli import register_builder
 from pipelines.executors import run_build
-from pipelines.plan import Builder
+from pipelines.plan import Builder, remove_build_outputs
 from pipelines.stage import Item, Reject, Resources, Stage
 from shards.verify import verify_build
 from shards.writer import is_done
@@ -258,23 +258,40 @@ def _check_resumed(out: Path, ref: Path, done_at_kill: set[int], stdout: str) ->
     assert _temp_files(out) == []
 
 
+def _kill_when_done(proc: Any, out: Path, min_done: int, extra: float) -> None:
+    """SIGKILL `proc` `extra` s after `min_done` shards exist (or at once if it ended on its own).
+
+    Kill points keyed to progress, not to a wall-clock fraction of a reference run, so a loaded machine
+    (a slow reference, a fast victim, or the reverse) cannot make the kill miss the run.
+    """
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if sum(is_done(out, i) for i in range(N // CS)) >= min_done:
+            break
+        time.sleep(0.01)
+    _kill_after(proc, extra)
+
+
 def test_driver_sigkilled_at_random_points_then_resumed_is_byte_identical(tmp_path: Path) -> None:
     """Five seeded random kill points over the run (start-up, model calls, shard writes)."""
     ref = tmp_path / "ref"
-    t0 = time.monotonic()
     _finish(_local_driver(ref))
-    t_ref = time.monotonic() - t0
     rng = random.Random(20261124)
     done_counts = []
     for trial in range(5):
         out = tmp_path / f"trial{trial}"
-        # Stratified: trial k kills at a random moment of the k-th fifth of [0.1, 0.75] x the reference's
-        # wall time, so the five points spread over start-up, chunks and writes; <= 0.75 so that a victim
-        # somewhat faster than the reference run is still killed.
-        delay = (0.1 + 0.13 * (trial + rng.random())) * t_ref
-        victim = _local_driver(out)
-        _kill_after(victim, delay)
-        assert victim.returncode == -signal.SIGKILL, f"trial {trial}: the build ended before {delay:.1f} s"
+        # Trial 0 dies in start-up; trial k >= 1 dies at a random moment after k - 1 shards are written,
+        # so the five points spread over start-up, chunks and writes.
+        for attempt in range(4):
+            victim = _local_driver(out)
+            if trial == 0:
+                _kill_after(victim, rng.uniform(0.05, 0.5) / (attempt + 1))
+            else:
+                _kill_when_done(victim, out, trial - 1, rng.uniform(0.0, 0.15) / (attempt + 1))
+            if victim.returncode == -signal.SIGKILL:
+                break
+            remove_build_outputs(out)  # it finished before the kill point: try that trial again, sooner
+        assert victim.returncode == -signal.SIGKILL, f"trial {trial}: the build always ended before the kill"
         assert not (out / "manifest.json").exists()
         done = {i for i in range(N // CS) if is_done(out, i)}
         done_counts.append(len(done))
