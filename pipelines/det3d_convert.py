@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.geometry import es_box_to_omni_camera
+from pipelines.sources.omni3d import box4
 from schemas.camera import box_corners, normalization_scale
 from schemas.grammar import Box3D, box3d_from_pose, format_box3d, format_grounded
 from schemas.prompts import PROMPTS_VERSION, detect_prompt, region_to_3d_prompt
@@ -192,19 +193,6 @@ def clipped_silhouette_box(uv: np.ndarray, width: float, height: float) -> tuple
     return box
 
 
-def _valid4(x: object) -> list[float] | None:
-    """A usable [x1, y1, x2, y2] or None when absent: -1 fields, wrong length, NaN, inverted."""
-    if not isinstance(x, list | tuple) or len(x) != 4:
-        return None
-    try:
-        v = [float(a) for a in x]
-    except (TypeError, ValueError):
-        return None
-    if not all(math.isfinite(a) for a in v) or all(a == -1 for a in v) or v[2] < v[0] or v[3] < v[1]:
-        return None
-    return v
-
-
 def _clip_box(b: Sequence[float], width: float, height: float) -> tuple[float, float, float, float] | None:
     x1, y1 = min(max(b[0], 0.0), width), min(max(b[1], 0.0), height)
     x2, y2 = min(max(b[2], 0.0), width), min(max(b[3], 0.0), height)
@@ -259,10 +247,10 @@ def omni3d_objects(item: Mapping[str, Any], width: int, height: int) -> tuple[li
         if reasons or not isinstance(a.get("category_name"), str):
             dropped[reasons[0] if reasons else "malformed_category_name"] += 1
             continue
-        trunc = _valid4(a.get("bbox2D_trunc"))
+        trunc = box4(a.get("bbox2D_trunc"))
         box = _clip_box(trunc, width, height) if trunc is not None else None
         if box is None:
-            proj = _valid4(a.get("bbox2D_proj"))
+            proj = box4(a.get("bbox2D_proj"))
             box = _clip_box(proj, width, height) if proj is not None else None
         if box is None:
             dropped["no_visible_projection"] += 1

@@ -32,7 +32,7 @@ from pipelines.sources.common import (
 from schemas.camera import CameraError, validate_intrinsics
 from shards.keys import make_key
 
-__all__ = ["IgnoreRules", "EVAL_RULES", "TRAIN_RULES", "NO_RULES", "ignore_reasons", "read_omni3d", "load_omni3d_json"]
+__all__ = ["IgnoreRules", "EVAL_RULES", "TRAIN_RULES", "NO_RULES", "box4", "ignore_reasons", "read_omni3d", "load_omni3d_json"]
 
 IGNORE_NAMES = ("dontcare", "ignore", "void")
 _FILE_RE = re.compile(r"^(?P<dataset>.+)_(?P<split>train|val|test)\.json$")
@@ -60,7 +60,7 @@ NO_RULES = IgnoreRules(None, None, None, None, None, None, False, False, (), Tru
 _PRESETS = {"eval": EVAL_RULES, "train": TRAIN_RULES, "none": NO_RULES}
 
 
-def _box4(x: object) -> list[float] | None:
+def box4(x: object) -> list[float] | None:
     """A valid [x1, y1, x2, y2] or None when absent (-1 / missing / malformed)."""
     if not isinstance(x, list | tuple) or len(x) != 4:
         return None
@@ -117,7 +117,7 @@ def ignore_reasons(ann: dict[str, Any], image_height: float, rules: IgnoreRules 
     de = _num(ann.get("depth_error"))
     if rules.max_depth_error is not None and de is not None and de > rules.max_depth_error:
         out.append("depth_error")
-    box = (_box4(ann.get("bbox2D_trunc")) if rules.use_trunc_box else None) or _box4(ann.get("bbox2D_proj"))
+    box = (box4(ann.get("bbox2D_trunc")) if rules.use_trunc_box else None) or box4(ann.get("bbox2D_proj"))
     if box is None:
         out.append("no_2d_box")
     else:
