@@ -52,15 +52,7 @@ __all__ = [
     "question_objects",
 ]
 
-# Omni3D's 50 categories (cubercnn/data/builtin.py), as in pipelines.sample_world.catalog.
-OMNI3D_CATEGORIES: tuple[str, ...] = (
-    "chair", "table", "cabinet", "car", "lamp", "books", "sofa", "pedestrian", "picture", "window",
-    "pillow", "truck", "door", "blinds", "sink", "shelves", "television", "shoes", "cup", "bottle",
-    "bookcase", "laptop", "desk", "cereal box", "floor mat", "traffic cone", "mirror", "barrier", "counter",
-    "camera", "bicycle", "toilet", "bus", "bed", "refrigerator", "trailer", "box", "oven", "clothes", "van",
-    "towel", "motorcycle", "night stand", "stove", "machine", "stationery", "bathtub", "cyclist", "curtain",
-    "bin",
-)  # fmt: skip
+from schemas.categories import OMNI3D_CATEGORIES
 
 # EmbodiedScan's 288 classes (embodiedscan/datasets/embodiedscan_dataset.py METAINFO['classes']).
 EMBODIEDSCAN_CATEGORIES: tuple[str, ...] = (

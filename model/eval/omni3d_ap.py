@@ -52,24 +52,7 @@ __all__ = [
 ]
 
 # Category lists from cubercnn/data/builtin.py (formats/omni3d.md), for the Omni3D / _In / _Out summaries.
-OMNI3D_OUT_CATEGORIES: tuple[str, ...] = (
-    "cyclist", "pedestrian", "trailer", "bus", "motorcycle", "car", "barrier", "truck", "van",
-    "traffic cone", "bicycle",
-)  # fmt: skip
-OMNI3D_IN_CATEGORIES: tuple[str, ...] = (
-    "bicycle", "books", "bottle", "chair", "cup", "laptop", "shoes", "towel", "blinds", "window", "lamp",
-    "shelves", "mirror", "sink", "cabinet", "bathtub", "door", "toilet", "desk", "box", "bookcase",
-    "picture", "table", "counter", "bed", "night stand", "pillow", "sofa", "television", "floor mat",
-    "curtain", "clothes", "stationery", "refrigerator", "bin", "stove", "oven", "machine",
-)  # fmt: skip
-OMNI3D_CATEGORIES: tuple[str, ...] = (
-    "chair", "table", "cabinet", "car", "lamp", "books", "sofa", "pedestrian", "picture", "window",
-    "pillow", "truck", "door", "blinds", "sink", "shelves", "television", "shoes", "cup", "bottle",
-    "bookcase", "laptop", "desk", "cereal box", "floor mat", "traffic cone", "mirror", "barrier",
-    "counter", "camera", "bicycle", "toilet", "bus", "bed", "refrigerator", "trailer", "box", "oven",
-    "clothes", "van", "towel", "motorcycle", "night stand", "stove", "machine", "stationery", "bathtub",
-    "cyclist", "curtain", "bin",
-)  # fmt: skip
+from schemas.categories import OMNI3D_CATEGORIES, OMNI3D_IN_CATEGORIES, OMNI3D_OUT_CATEGORIES  # noqa: F401
 
 # Omni3D turns proximity evaluation on when the dataset name contains one of these.
 PROXIMITY_DATASETS: tuple[str, ...] = ("SUNRGBD", "Objectron")

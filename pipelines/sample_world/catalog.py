@@ -9,16 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The Omni3D 50-category list (cubercnn/data/builtin.py); the index is used as the global category id.
-OMNI3D_CATEGORIES: tuple[str, ...] = (
-    "chair", "table", "cabinet", "car", "lamp", "books", "sofa", "pedestrian", "picture", "window",
-    "pillow", "truck", "door", "blinds", "sink", "shelves", "television", "shoes", "cup", "bottle",
-    "bookcase", "laptop", "desk", "cereal box", "floor mat", "traffic cone", "mirror", "barrier", "counter",
-    "camera", "bicycle", "toilet", "bus", "bed", "refrigerator", "trailer", "box", "oven", "clothes", "van",
-    "towel", "motorcycle", "night stand", "stove", "machine", "stationery", "bathtub", "cyclist", "curtain",
-    "bin",
-)  # fmt: skip
-OMNI3D_ID = {name: i for i, name in enumerate(OMNI3D_CATEGORIES)}
+from schemas.categories import OMNI3D_CATEGORIES, OMNI3D_ID  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
