@@ -127,6 +127,14 @@ _POINT_LIST = re.compile(rf"\[\s*{_PAIR}(?:\s*,\s*{_PAIR})*\s*\]")
 _PAIR_RE = re.compile(_PAIR)
 
 
+
+def _rows_by_key_and_mention(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Intermediate Parquet rows (one per mention) regrouped as key -> mention index -> row."""
+    by_key: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        by_key.setdefault(r["key"], {})[r["mention_index"]] = r
+    return by_key
+
 class ModelUnavailable(StageSetupError):
     """A model endpoint failed for good (after the client's retries): the run stops.
 
@@ -620,9 +628,7 @@ class VerifyStage(_ModelStage):
         return rows
 
     def from_rows(self, inputs: list[Item], rows: list[dict[str, Any]]) -> list[Item]:
-        by_key: dict[str, dict[int, dict[str, Any]]] = {}
-        for r in rows:
-            by_key.setdefault(r["key"], {})[r["mention_index"]] = r
+        by_key = _rows_by_key_and_mention(rows)
         out = []
         for it in inputs:
             got = by_key.get(it["key"])
@@ -699,9 +705,7 @@ class AssignStage(Stage):
         return rows
 
     def from_rows(self, inputs: list[Item], rows: list[dict[str, Any]]) -> list[Item]:
-        by_key: dict[str, dict[int, dict[str, Any]]] = {}
-        for r in rows:
-            by_key.setdefault(r["key"], {})[r["mention_index"]] = r
+        by_key = _rows_by_key_and_mention(rows)
         out = []
         for it in inputs:
             got = by_key.get(it["key"])
