@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from annotators.common import Candidate
     from annotators.florence2 import Florence2Tagger, build_tiny_florence2
     from annotators.vlm import TransformersVLM, VerifyRequest, build_tiny_vlm
-    from pipelines.cot import ReadStage, _load_rgb, _mention_of, list_inputs, make_cot_builder
-    from pipelines.executors import run_build
+    from pipelines.corpora.cot.builder import ReadStage, _load_rgb, _mention_of, list_inputs, make_cot_builder
+    from pipelines.engine.run import run_build
     from pipelines.sample_world import generate
 
     tmp = Path(tempfile.mkdtemp(prefix="gr3d-bench-cot-"))

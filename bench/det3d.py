@@ -1,6 +1,6 @@
 """det3d throughput: samples/s per core on the sample world, local executor and Ray (Ray start-up excluded).
 
-The workload is the real builder (`pipelines.det3d`) on a 20 scenes x 4 views, 640x480 sample world (both
+The workload is the real builder (`pipelines.corpora.det3d.builder`) on a 20 scenes x 4 views, 640x480 sample world (both
 sources: 160 inputs), replicated `--replicate` times under distinct keys so the timed part is long enough.
 Images are read and passed through (no decode, no re-encode); real shards are written and finalized.
 
@@ -82,7 +82,7 @@ def _split(build_dir: Path, n: int) -> dict[str, float]:
 def _replicated(builder: Any, times: int) -> tuple[Any, float, float]:
     """The builder with its listing replicated under distinct keys; driver CPU ms per input of the real
     listing (readers + trimming, best of 5) and of planning (sort + chunk digests)."""
-    from pipelines.plan import make_plan
+    from pipelines.engine.plan import make_plan
 
     list(builder.list_inputs(builder.config))  # imports and file cache warm
     list_ms = []
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from pipelines.det3d import make_builder
-    from pipelines.executors import run_build
+    from pipelines.corpora.det3d.builder import make_builder
+    from pipelines.engine.run import run_build
     from pipelines.sample_world import SampleWorld, generate
 
     tmp = Path(tempfile.mkdtemp(prefix="gr3d-bench-det3d-"))

@@ -32,7 +32,7 @@ def _run(builder: Any, out: Path, executor: str, chunk_size: int, workers: int) 
     Steady state: inputs of the shards completed after the first one, divided by the time between the
     first and the last completion (stats-file mtimes), i.e. the rate once start-up costs are paid.
     """
-    from pipelines.executors import run_build
+    from pipelines.engine.run import run_build
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()

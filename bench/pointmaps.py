@@ -4,7 +4,7 @@
    640x480 sample world; every pixel of that view is valid):
    - `open3d`: `PointCloud.create_from_depth_image(Image(uint16), intrinsic, depth_scale=1000)` plus
      `np.asarray(pc.points)` (float64 N x 3);
-   - `ours_u16`: `pipelines.pointmaps.backproject(uint16, K, scale=1000)` (float32 N x 3): the same input
+   - `ours_u16`: `pipelines.corpora.pointmaps.builder.backproject(uint16, K, scale=1000)` (float32 N x 3): the same input
      and work as Open3D's call (valid pixels converted to metres exactly as `depth_io` does);
    - `ours_m`: `backproject` alone on float32 metres;
    - `geometry.backproject_depth`: the shared float64 reference (N x 5), for scale.
@@ -42,9 +42,9 @@ def kernel_bench(world: Any, repeat: int, inner: int) -> dict[str, Any]:
     import open3d as o3d
     from PIL import Image
 
-    from pipelines.depth_io import DepthSpec, decode_depth
-    from pipelines.geometry import backproject_depth
-    from pipelines.pointmaps import backproject
+    from pipelines.corpora.pointmaps.builder import backproject
+    from pipelines.corpora.pointmaps.depth_io import DepthSpec, decode_depth
+    from schemas.geometry import backproject_depth
 
     view = world.ground_truth["scenes"][0]["views"][0]
     raw_png = (world.root / view["depth"]).read_bytes()
@@ -80,10 +80,10 @@ def kernel_bench(world: Any, repeat: int, inner: int) -> dict[str, Any]:
 
 def e2e_bench(world: Any, source: str, n: int, chunk_size: int, mode: str, conversations: int,
               out_root: Path) -> dict[str, Any]:
-    from pipelines.executors import run_build
-    from pipelines.plan import Builder
-    from pipelines.point_sampling import SamplerConfig
-    from pipelines.pointmaps import list_inputs, make_builder, make_config
+    from pipelines.corpora.pointmaps.builder import list_inputs, make_builder, make_config
+    from pipelines.corpora.pointmaps.sampling import SamplerConfig
+    from pipelines.engine.plan import Builder
+    from pipelines.engine.run import run_build
 
     kw: dict[str, Any] = {"sampler": SamplerConfig(n=100, mode=mode), "conversations": conversations}
     if source == "omni3d":

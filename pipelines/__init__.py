@@ -1,1 +1,2 @@
-"""Corpus builders: sources, stages, executors (Ray, Beam), geometry, the sample world, the audit."""
+"""Corpus builders: the engine (stages, plan, executors), the sources, the three corpora, the sample world,
+the audit, the root CLI and the demo."""

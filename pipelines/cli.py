@@ -15,7 +15,7 @@ COMMAND_MODULES: list[str] = [
     "pipelines.demo",
     "model.eval.cli",
     "shards.cli",
-    "pipelines.build_cli",
+    "pipelines.engine.build_cli",
     "pipelines.sample_world.cli",
     "model.cli",
     "pipelines.audit.cli",

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("build_dir", type=Path, metavar="DIR", help="build directory (holds shards/)")
     s.add_argument("key", metavar="KEY", help="sample key")
     s.add_argument("--ply", type=Path, metavar="OUT",
-                   help="also export the sample's points as a PLY file (needs pipelines.pointmap_export)")
+                   help="also export the sample's points as a PLY file (needs pipelines.corpora.pointmaps.export)")
     p.set_defaults(func=run)
 
 
@@ -69,9 +69,9 @@ def _show(args: argparse.Namespace) -> int:
     print(f"# from {sample['__url__']}")
     if args.ply is not None:
         try:
-            from pipelines.pointmap_export import export_ply
+            from pipelines.corpora.pointmaps.export import export_ply
         except ImportError as e:
-            print(f"error: --ply needs pipelines.pointmap_export.export_ply, which is not available: {e}", file=sys.stderr)
+            print(f"error: --ply needs pipelines.corpora.pointmaps.export.export_ply, which is not available: {e}", file=sys.stderr)
             return 2
         export_ply(sample, args.ply)
         print(f"# wrote {args.ply}")

@@ -456,7 +456,7 @@ class ShardWriter:
               n_input: int | None = None) -> dict[str, Any]:
         """Write the tar, the index and rejects Parquet, then the stats file; return the stats.
 
-        `rejects`: reject rows (dicts or `pipelines.stage.Reject`) of this chunk, added to those from
+        `rejects`: reject rows (dicts or `pipelines.engine.stage.Reject`) of this chunk, added to those from
         `add_reject`. `n_input`: inputs of the chunk; when given, every input must be accounted for
         as a sample or a rejected key (nothing is dropped silently). `stats_extra`: free-form
         deterministic numbers stored under `extra`; a `timing` entry in it goes to the top-level

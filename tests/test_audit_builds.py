@@ -36,7 +36,7 @@ def _build(argv: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def builds(sample_world: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    pytest.importorskip("pipelines.cot")
+    pytest.importorskip("pipelines.corpora.cot.builder")
     root = tmp_path_factory.mktemp("audit_builds")
     sw = str(sample_world.root)
     out = {k: root / k for k in ("cot", "cot_noverifier", "cot_rejected", "det3d", "pointmaps")}

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.executors import BuildResult, run_build
+from pipelines.engine.run import BuildResult, run_build
 from shards.keys import validate_key
 from shards.reader import iter_samples
 from tests.badinputs import BUILDERS, BadCorpus, make_bad_corpus
@@ -149,7 +149,7 @@ def test_corpus_covers_the_kinds_of_damage(corpus: BadCorpus) -> None:
 
 
 def test_det3d_rejects_each_bad_input_and_keeps_the_rest(corpus: BadCorpus, sample_world: Any) -> None:
-    from pipelines.det3d import make_builder
+    from pipelines.corpora.det3d.builder import make_builder
 
     out = corpus.root.parent / "out" / "det3d"
     res = build_in_sandbox(corpus, make_builder(corpus.omni3d, corpus.embodiedscan, corpus.root), out)
@@ -168,7 +168,7 @@ def test_det3d_rejects_each_bad_input_and_keeps_the_rest(corpus: BadCorpus, samp
 
 def test_pointmaps_reject_each_bad_frame_on_local_and_ray_alike(corpus: BadCorpus, sample_world: Any,
                                                                ray_session: Any) -> None:
-    from pipelines.pointmaps import make_builder, make_config
+    from pipelines.corpora.pointmaps.builder import make_builder, make_config
 
     def builder() -> Any:
         return make_builder(make_config("embodiedscan", data_root=corpus.root, embodiedscan=corpus.embodiedscan))
@@ -190,7 +190,7 @@ def test_pointmaps_reject_each_bad_frame_on_local_and_ray_alike(corpus: BadCorpu
 
 
 def test_cot_rejects_each_bad_record_and_keeps_the_rest(corpus: BadCorpus, sample_world: Any) -> None:
-    from pipelines.cot import make_cot_builder
+    from pipelines.corpora.cot.builder import make_cot_builder
 
     out = corpus.root.parent / "out" / "cot"
     res = build_in_sandbox(corpus, make_cot_builder(corpus.refspatial, corpus.root, out=out, tagger="oracle",

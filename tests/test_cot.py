@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotators.testing import OpenAIStub, Step, default_responder
-from pipelines.cot import (
+from pipelines.corpora.cot.builder import (
     POINT_SUFFIX_GR3D,
     ComposeStage,
     assign_boxes,
@@ -21,8 +21,8 @@ from pipelines.cot import (
     find_point_lists,
     make_cot_builder,
 )
-from pipelines.executors import run_build
-from pipelines.stage import StageSetupError
+from pipelines.engine.run import run_build
+from pipelines.engine.stage import StageSetupError
 from schemas.grammar import REGION, check_regions, find_grounded, format_bbox2d
 from schemas.records import validate
 from shards.reader import iter_samples
@@ -240,7 +240,7 @@ def test_failed_samples_become_reject_rows_at_compose() -> None:
 
 
 def test_model_stages_are_gpu_actor_pools_and_cheap_annotators_are_cpu_stages(sample_world) -> None:
-    from pipelines.executors.ray_executor import resource_plan
+    from pipelines.engine.executors.ray_executor import resource_plan
 
     b = make_cot_builder(FILES, sample_world.root, cache=None, tagger="florence2", verifier="transformers",
                          tagger_model="/models/Florence-2-large", verifier_model="/models/Qwen2.5-VL-7B", num_gpus=1)
@@ -326,7 +326,7 @@ def test_unreachable_model_stops_the_build_without_leaking_the_key(tmp_path: Pat
 
 
 def test_files_resolve_to_the_released_layout_roots(tmp_path: Path) -> None:
-    from pipelines.cot import resolve_refspatial_files
+    from pipelines.corpora.cot.builder import resolve_refspatial_files
 
     (tmp_path / "RefSpatial" / "3D").mkdir(parents=True)
     (tmp_path / "RefSpatial" / "3D" / "choice_qa.json").write_text("[]")

@@ -15,8 +15,8 @@ import torch
 from annotators.florence2 import Florence2Tagger, build_tiny_florence2
 from annotators.testing import ScriptedLogits
 from annotators.vlm import TransformersVLM, build_tiny_vlm
-from pipelines.cot import make_cot_builder
-from pipelines.executors import run_build
+from pipelines.corpora.cot.builder import make_cot_builder
+from pipelines.engine.run import run_build
 from tests.test_executors_toy import compared_files
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Depth decoding per format and scale (pipelines.depth_io): exact values, byte order, clear rejects."""
+"""Depth decoding per format and scale (pipelines.corpora.pointmaps.depth_io): exact values, byte order, clear rejects."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.depth_io import (
+from pipelines.corpora.pointmaps.depth_io import (
     DepthError,
     DepthSpec,
     decode_depth,

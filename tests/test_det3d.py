@@ -23,8 +23,8 @@ import pytest
 
 from model.eval.iou3d import iou_3d
 from model.eval.predict import parse_answer
-from pipelines.det3d import make_builder, parse_rule
-from pipelines.det3d_convert import (
+from pipelines.corpora.det3d.builder import make_builder, parse_rule
+from pipelines.corpora.det3d.convert import (
     ConvertReject,
     Det3dConfig,
     DetObject,
@@ -34,7 +34,7 @@ from pipelines.det3d_convert import (
     make_record,
     text_box,
 )
-from pipelines.executors import run_build
+from pipelines.engine.run import run_build
 from schemas import records
 from schemas.camera import box_corners
 from schemas.grammar import (
@@ -523,7 +523,7 @@ def test_ignore_rule_overrides_parse_and_apply(sample_world: Any) -> None:
 
 
 def test_cli_builds_from_a_sample_world_and_stays_light(sample_world: Any, tmp_path: Path) -> None:
-    code = ("import sys, pipelines.det3d, pipelines.build_cli as b; b.registered_builders(); "
+    code = ("import sys, pipelines.corpora.det3d.builder, pipelines.engine.build_cli as b; b.registered_builders(); "
             "heavy = [m for m in ('torch', 'ray', 'open3d', 'transformers', 'apache_beam') if m in sys.modules]; "
             "assert not heavy, heavy; assert 'det3d' in b.registered_builders()")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

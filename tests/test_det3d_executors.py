@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from pipelines.det3d import make_builder
-from pipelines.executors import run_build
+from pipelines.corpora.det3d.builder import make_builder
+from pipelines.engine.run import run_build
 from shards.verify import verify_build
 
 CHUNK = 4

@@ -10,10 +10,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.executors import run_build
-from pipelines.executors.chunk import run_chunk
-from pipelines.plan import make_plan, prepare_build_dir
-from pipelines.stage import Resources, StageSetupError
+from pipelines.engine.chunk import run_chunk
+from pipelines.engine.plan import make_plan, prepare_build_dir
+from pipelines.engine.run import run_build
+from pipelines.engine.stage import Resources, StageSetupError
 from shards.writer import is_done, stats_path
 from tests.test_executors_toy import ToyModel, compared_files, toy_builder
 
@@ -152,7 +152,7 @@ def test_cli_dry_run_summary_overwrite(tmp_path: Path, capsys) -> None:
 
 
 def test_ray_resource_plan_leaves_cpu_for_tasks_on_two_cores() -> None:
-    from pipelines.executors.ray_executor import resource_plan
+    from pipelines.engine.executors.ray_executor import resource_plan
     from tests.test_executors_toy import Finalize, Render
 
     rp = resource_plan([Render(), ToyModel(), Finalize()], n_chunks=10, cpus=2, gpus=0, workers=None, num_gpus=None)
@@ -175,7 +175,7 @@ def test_ray_resource_plan_leaves_cpu_for_tasks_on_two_cores() -> None:
 def test_beam_options_local_runner_never_prism_and_portable_runners_pass_through() -> None:
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-    from pipelines.executors.beam_executor import pipeline_options
+    from pipelines.engine.executors.beam_executor import pipeline_options
 
     opts, local = pipeline_options([], workers=None, n_chunks=10)
     d = opts.view_as(DirectOptions)

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipelines.build_cli import register_builder
-from pipelines.plan import Builder
-from pipelines.stage import Item, Reject, Resources, Stage
+from pipelines.engine.build_cli import register_builder
+from pipelines.engine.plan import Builder
+from pipelines.engine.stage import Item, Reject, Resources, Stage
 
 
 def spin(seconds: float) -> None:

@@ -32,10 +32,10 @@ from typing import Any
 
 import pytest
 
-from pipelines.build_cli import register_builder
-from pipelines.executors import run_build
-from pipelines.plan import Builder, remove_build_outputs
-from pipelines.stage import Item, Reject, Resources, Stage
+from pipelines.engine.build_cli import register_builder
+from pipelines.engine.plan import Builder, remove_build_outputs
+from pipelines.engine.run import run_build
+from pipelines.engine.stage import Item, Reject, Resources, Stage
 from shards.verify import verify_build
 from shards.writer import is_done
 from tests.ray_cluster import RayCluster, finish, gr3d_subprocess, ray_cluster, reap_drivers

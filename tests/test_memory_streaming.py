@@ -3,7 +3,7 @@
 `bench/memory.py` measures whole builds (driver listing included) over 1x and 4x the input; this test
 guards the part that must be O(chunk): planning, the stages, the shard writer and the manifest. The
 builder's listing is done and encoded before measuring and handed to the build as a ready
-`EncodedInputs` (as the driver holds it: one compact blob per input, `pipelines.plan.encode_inputs`), so
+`EncodedInputs` (as the driver holds it: one compact blob per input, `pipelines.engine.plan.encode_inputs`), so
 only what `run_build` allocates on top is traced (tracemalloc: Python objects, numpy arrays, image
 bytes). The det3d build over 4x the inputs, same chunk size, must peak within 1.3x of the 1x peak: an
 executor or writer that kept every sample, record or image of the run until the end would grow with the
@@ -17,9 +17,9 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-from pipelines.det3d import make_builder
-from pipelines.executors import run_build
-from pipelines.plan import encode_inputs
+from pipelines.corpora.det3d.builder import make_builder
+from pipelines.engine.plan import encode_inputs
+from pipelines.engine.run import run_build
 
 CHUNK = 48  # 1x is 2 chunks, 4x is 8: the chunk-level peak dominates the small O(n) part (plan, keys)
 

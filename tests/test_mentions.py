@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.mentions import (
+from pipelines.corpora.cot.mentions import (
     DEFAULT_VOCABULARY,
     EMBODIEDSCAN_CATEGORIES,
     OMNI3D_CATEGORIES,

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from pipelines.executors.chunk import ChunkState, load_state, new_state
-from pipelines.plan import (
+from pipelines.engine.chunk import ChunkState, load_state, new_state
+from pipelines.engine.plan import (
     Chunk,
     EncodedInputs,
     PlanError,
@@ -135,7 +135,9 @@ def test_encoded_listing_checks_keys_like_the_dict_plan(tmp_path: Path) -> None:
 
 
 def test_builders_yield_their_listing(sample_world: Any) -> None:
-    from pipelines import cot, det3d, pointmaps
+    from pipelines.corpora.cot import builder as cot
+    from pipelines.corpora.det3d import builder as det3d
+    from pipelines.corpora.pointmaps import builder as pointmaps
 
     for mod in (det3d, pointmaps, cot):
         assert inspect.isgeneratorfunction(mod.iter_inputs), mod.__name__

@@ -1,4 +1,4 @@
-"""Samplers (pipelines.point_sampling): seeded by key, never invalid pixels, strata and edges as specified."""
+"""Samplers (pipelines.corpora.pointmaps.sampling): seeded by key, never invalid pixels, strata and edges as specified."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.point_sampling import (
+from pipelines.corpora.pointmaps.sampling import (
     SamplerConfig,
     SamplingError,
     edge_at,

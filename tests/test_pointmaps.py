@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.point_sampling import SamplerConfig, SamplingError
-from pipelines.pointmaps import (
+from pipelines.corpora.pointmaps.builder import (
     ReadFrame,
     SamplePoints,
     backproject,
@@ -30,6 +29,7 @@ from pipelines.pointmaps import (
     make_config,
     sample_frame,
 )
+from pipelines.corpora.pointmaps.sampling import SamplerConfig, SamplingError
 from schemas import records
 from schemas.camera import project
 from schemas.grammar import find_grounded, parse_point3d

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.executors import run_build
-from pipelines.point_sampling import SamplerConfig
-from pipelines.pointmaps import make_builder, make_config
+from pipelines.corpora.pointmaps.builder import make_builder, make_config
+from pipelines.corpora.pointmaps.sampling import SamplerConfig
+from pipelines.engine.run import run_build
 from shards.reader import iter_samples, read_sample
 from shards.verify import verify_build
 
@@ -91,7 +91,7 @@ def test_cli_build_show_and_ply_export(sample_world, tmp_path, capsys, monkeypat
     import open3d as o3d
 
     from pipelines.cli import main
-    from pipelines.pointmap_export import cloud_of_sample
+    from pipelines.corpora.pointmaps.export import cloud_of_sample
     from tests.test_pointmaps import surface_distance
 
     out = tmp_path / "es"

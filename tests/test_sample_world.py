@@ -164,13 +164,13 @@ def test_depth_is_exact_ray_box_intersection(sample_world):
 
 
 def test_embodiedscan_world_boxes_equal_omni3d_corners(sample_world):
-    from pipelines.geometry import (
+    from schemas.camera import box_corners
+    from schemas.geometry import (
         ES_TO_OMNI_CORNER_ORDER,
         es_box_corners,
         es_box_to_omni_camera,
         euler_zxy_to_matrix,
     )
-    from schemas.camera import box_corners
 
     images, anns = _load_omni(sample_world)
     gt = {s["scene_id"]: s for s in sample_world.ground_truth["scenes"]}
@@ -229,7 +229,7 @@ def test_embodiedscan_world_boxes_equal_omni3d_corners(sample_world):
 
 def test_half_resolution_depth_lies_on_the_scene(sample_world):
     """EmbodiedScan depth (half resolution, its own depth_cam2img) back-projects onto real surfaces."""
-    from pipelines.geometry import backproject_depth
+    from schemas.geometry import backproject_depth
 
     for s, v in _gt_views(sample_world):
         d = np.asarray(Image.open(sample_world.root / v["depth_half"]))

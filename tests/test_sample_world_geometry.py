@@ -1,4 +1,4 @@
-"""pipelines.geometry against hand-computed boxes and an independent Euler implementation (scipy)."""
+"""schemas.geometry against hand-computed boxes and an independent Euler implementation (scipy)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from pipelines.geometry import (
+from pipelines.sample_world.render import clip_polygon_rect, convex_hull, silhouette_box
+from schemas.camera import CameraError, box_corners
+from schemas.geometry import (
     ES_TO_OMNI_CORNER_ORDER,
     backproject_depth,
     es_box_corners,
@@ -22,8 +24,6 @@ from pipelines.geometry import (
     matrix_to_euler_zxy,
     pose_camera_to_world,
 )
-from pipelines.sample_world.render import clip_polygon_rect, convex_hull, silhouette_box
-from schemas.camera import CameraError, box_corners
 
 angles = st.floats(-math.pi, math.pi)
 

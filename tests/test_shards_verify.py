@@ -160,6 +160,6 @@ def test_show_prints_the_record_and_ply_hook(clean_build: Path, capsys: pytest.C
     assert '"key": "world/s0001"' in out and "# points.npy: array float32 [6, 5]" in out
     assert main(["shards", "show", str(clean_build), "world/none"]) == 2
     assert "not found" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "pipelines.pointmap_export", None)  # module absent
+    monkeypatch.setitem(sys.modules, "pipelines.corpora.pointmaps.export", None)  # module absent
     assert main(["shards", "show", str(clean_build), "world/s0001", "--ply", "/tmp/x.ply"]) == 2
-    assert "--ply needs pipelines.pointmap_export.export_ply" in capsys.readouterr().err
+    assert "--ply needs pipelines.corpora.pointmaps.export.export_ply" in capsys.readouterr().err

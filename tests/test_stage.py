@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.executors.chunk import ChunkState, account, new_state, process_batch, run_stage, segments
-from pipelines.plan import Chunk, intermediate_path
-from pipelines.stage import Reject, Resources, Stage, StageSetupError
+from pipelines.engine.chunk import ChunkState, account, new_state, process_batch, run_stage, segments
+from pipelines.engine.plan import Chunk, intermediate_path
+from pipelines.engine.stage import Reject, Resources, Stage, StageSetupError
 from tests.test_executors_toy import Finalize, Render, ToyModel
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.plan import (
+from pipelines.engine.plan import (
     PlanError,
     make_chunks,
     make_plan,
@@ -16,7 +16,7 @@ from pipelines.plan import (
     remove_build_outputs,
     sort_inputs,
 )
-from pipelines.progress import Progress
+from pipelines.engine.progress import Progress
 from shards.writer import stats_path
 
 

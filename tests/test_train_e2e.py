@@ -21,8 +21,8 @@ STEPS, EVERY = 200, 100
 
 @pytest.mark.slow
 def test_sample_world_det3d_train_kill_resume_and_evaluate(sample_world, tmp_path: Path) -> None:
-    from pipelines.det3d import make_builder
-    from pipelines.executors import run_build
+    from pipelines.corpora.det3d.builder import make_builder
+    from pipelines.engine.run import run_build
     from shards.reader import iter_samples
 
     builds = tmp_path / "builds"

@@ -7,7 +7,7 @@ would make every figure a lie), and every file the audit needs but cannot read s
 
 Which intermediate Parquet files must exist follows from the build's config: a cot build writes
 `intermediate/{tag,assign}/NNNNNN.parquet` for every shard, plus `verify/` with a verifier and
-`rewrite/` when it also rewrites (see `pipelines/cot.py`). Other builders persist none.
+`rewrite/` when it also rewrites (see `pipelines/corpora/cot/builder.py`). Other builders persist none.
 
 Ground truth (sample world only): `--ground-truth FILE`, else a `ground_truth.json` beside a
 `sample_world.json` found from the paths in the manifest's config (the data root, input files,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.geometry import euler_zxy_to_matrix, matrix_to_euler_zxy
 from pipelines.sample_world.catalog import COLOURS, FLOOR_CATEGORIES, MAX_OBJECTS, TOP_CATEGORIES, Category
+from schemas.geometry import euler_zxy_to_matrix, matrix_to_euler_zxy
 
 WALL_HEIGHT = 2.8
 _FLOOR_WEIGHTS = {"chair": 3.0, "table": 1.5, "box": 1.5, "bin": 1.0, "lamp": 1.0}

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.geometry import invert_pose
 from pipelines.sample_world import refspatial_text as rt
 from pipelines.sample_world.catalog import ES_CATEGORIES, OMNI3D_ID
 from pipelines.sample_world.render import (
@@ -41,6 +40,7 @@ from pipelines.sample_world.render import (
 )
 from pipelines.sample_world.scene import Obj, Scene, View, make_scene
 from schemas.camera import box_corners, project
+from schemas.geometry import invert_pose
 
 FORMAT_VERSION = 1
 DATASET = "SampleWorld"

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipelines.stage import Reject
+from pipelines.engine.stage import Reject
 
 __all__ = [
     "MAX_CATEGORY_CHARS",
@@ -37,7 +37,7 @@ Item = dict[str, Any]
 """One readable input: JSON-able except numpy arrays, with "key", "source" {dataset, file, id}, "format"."""
 
 ReadReject = Reject
-"""A reject of the read stage: the same dataclass as `pipelines.stage.Reject` (key, stage, reason, message)."""
+"""A reject of the read stage: the same dataclass as `pipelines.engine.stage.Reject` (key, stage, reason, message)."""
 
 ReadResult = Item | ReadReject
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.geometry import intrinsics_from_cam2img, pose_camera_to_world
 from pipelines.sources.common import (
     MAX_CATEGORY_CHARS,
     PathEscapesRoot,
@@ -29,6 +28,7 @@ from pipelines.sources.common import (
 )
 from pipelines.sources.safe_pickle import safe_load
 from schemas.camera import CameraError
+from schemas.geometry import intrinsics_from_cam2img, pose_camera_to_world
 from shards.keys import make_key
 
 __all__ = ["depth_shift_for", "load_info", "read_embodiedscan"]

@@ -1,7 +1,7 @@
 """Executors: run a builder's stages over its plan, chunk by chunk, and finalize the build.
 
 `run_build(builder, out_dir, executor=...)` is the one entry point. It lists and plans the inputs
-(`pipelines.plan`), hands the to-do chunks to an executor, checks every chunk ended done, then calls
+(`pipelines.engine.plan`), hands the to-do chunks to an executor, checks every chunk ended done, then calls
 `shards.manifest.finalize` and writes `run.json` (timings, executor, which chunks this run processed).
 
 - `local`: the plain in-process loop (the reference, and the benchmark baseline).
@@ -9,7 +9,7 @@
   `ray_address` / RAY_ADDRESS.
 - `beam`: Apache Beam; in-process FnApiRunner locally, any portable runner through `beam_options`.
 
-All three run `pipelines.executors.chunk` on each chunk, so their shards are byte-identical. This module
+All three run `pipelines.engine.chunk` on each chunk, so their shards are byte-identical. This module
 imports nothing heavy; Ray and Beam are imported only by the executor that is used.
 """
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines import progress as progress_mod
-from pipelines.plan import (
+from pipelines.engine import progress as progress_mod
+from pipelines.engine.plan import (
     Builder,
     BuildPlan,
     encode_inputs,
@@ -35,8 +35,8 @@ from pipelines.plan import (
     recorded_chunk_size,
     remove_build_outputs,
 )
-from pipelines.progress import Progress
-from pipelines.stage import Stage, StageSetupError, _rebuild_setup_error
+from pipelines.engine.progress import Progress
+from pipelines.engine.stage import Stage, StageSetupError, _rebuild_setup_error
 
 # shards.writer is light (numpy, pyarrow, jsonschema); Ray and Beam are imported by their executors only.
 from shards.writer import is_done, stats_path
@@ -123,11 +123,11 @@ def find_setup_error(exc: BaseException) -> StageSetupError | None:
 
 def _executor_fn(name: str) -> Callable[..., list[int]]:
     if name == "local":
-        from pipelines.executors.local import execute
+        from pipelines.engine.executors.local import execute
     elif name == "ray":
-        from pipelines.executors.ray_executor import execute
+        from pipelines.engine.executors.ray_executor import execute
     elif name == "beam":
-        from pipelines.executors.beam_executor import execute
+        from pipelines.engine.executors.beam_executor import execute
     else:
         raise BuildError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
     return execute

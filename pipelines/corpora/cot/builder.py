@@ -10,7 +10,7 @@ names into instance descriptions, and writes
 
 with point answers `[(0.42, 0.61)]` converted to the project grammar (zero-size boxes).
 
-Stages (pipelines.stage.Stage; executors decide where they run):
+Stages (pipelines.engine.stage.Stage; executors decide where they run):
 
 | stage   | kind                      | what                                                            | intermediate |
 |---------|---------------------------|-----------------------------------------------------------------|--------------|
@@ -50,9 +50,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.build_cli import register_builder
-from pipelines.plan import Builder
-from pipelines.stage import Item, Reject, Resources, Stage, StageSetupError
+from pipelines.engine.build_cli import register_builder
+from pipelines.engine.plan import Builder
+from pipelines.engine.stage import Item, Reject, Resources, Stage, StageSetupError
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +392,12 @@ class ReadStage(Stage):
         self.max_turn_chars = max_turn_chars
 
     def _check(self, it: Item) -> tuple[Item | None, Reject | None]:
-        from pipelines.mentions import DEFAULT_VOCABULARY, Vocabulary, extract_mentions, group_entities
+        from pipelines.corpora.cot.mentions import (
+            DEFAULT_VOCABULARY,
+            Vocabulary,
+            extract_mentions,
+            group_entities,
+        )
 
         key = it["key"]
 
@@ -1183,7 +1188,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _make(args: argparse.Namespace) -> Builder:
     """`gr3d build cot` arguments -> Builder; bad arguments become a PlanError (exit 2 with the message)."""
-    from pipelines.plan import PlanError
+    from pipelines.engine.plan import PlanError
 
     try:
         return _make_unchecked(args)

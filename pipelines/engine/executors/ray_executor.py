@@ -32,11 +32,11 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from pipelines.executors import BuildError
-from pipelines.executors.chunk import ChunkState, Segment, load_state, run_stage, segments, write_chunk
-from pipelines.plan import BuildPlan
-from pipelines.progress import Progress
-from pipelines.stage import Stage
+from pipelines.engine.chunk import ChunkState, Segment, load_state, run_stage, segments, write_chunk
+from pipelines.engine.plan import BuildPlan
+from pipelines.engine.progress import Progress
+from pipelines.engine.run import BuildError
+from pipelines.engine.stage import Stage
 
 TASK_OVERSUBSCRIPTION = int(os.environ.get("GR3D_RAY_TASK_OVERSUB", "2"))
 

@@ -2,7 +2,7 @@
 
 A stage is a small class with declared resources, a batch size, a `setup()` that runs once per worker
 (models load there) and `process(batch) -> (outputs, rejects)`. Stages know nothing of Ray or Beam: the
-executors in `pipelines.executors` decide where a stage runs, from what it declares here. That keeps one
+executors in `pipelines.engine.executors` decide where a stage runs, from what it declares here. That keeps one
 stage class valid on a laptop (plain loop), on a Ray cluster (tasks / actor pools) and on a Beam runner.
 
 Items flowing between stages are plain dicts with a `"key"`; the last stage emits dicts that

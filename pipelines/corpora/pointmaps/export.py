@@ -37,7 +37,7 @@ def _image_rgb(sample: dict[str, Any], rec: dict[str, Any]) -> np.ndarray:
 
 
 def _source_depth(rec: dict[str, Any], data_root: str | os.PathLike[str] | None) -> tuple[np.ndarray, np.ndarray] | None:
-    from pipelines.depth_io import DepthError, DepthSpec, read_depth
+    from pipelines.corpora.pointmaps.depth_io import DepthError, DepthSpec, read_depth
     from pipelines.sources.common import PathEscapesRoot, resolve_under
 
     src = rec.get("source", {})
@@ -58,7 +58,7 @@ def cloud_of_sample(sample: dict[str, Any], data_root: str | os.PathLike[str] | 
 
     `what` says which cloud it is: `stored_depth`, `source_depth` or `sampled_points`.
     """
-    from pipelines.pointmaps import backproject, colour_view_mask
+    from pipelines.corpora.pointmaps.builder import backproject, colour_view_mask
 
     rec = sample["json"]
     if rec.get("corpus") != "pointmap":

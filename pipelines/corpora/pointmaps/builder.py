@@ -1,8 +1,8 @@
 """The point-map corpus: images with N sampled surface points (u, v, X, Y, Z) and point questions.
 
 `gr3d build pointmaps --source embodiedscan|omni3d|rgbd ...` reads posed RGB-D frames with the
-real-format readers of `pipelines.sources`, decodes their depth (`pipelines.depth_io`), samples N valid
-pixels seeded by the sample key (`pipelines.point_sampling`), back-projects them and writes one sample per
+real-format readers of `pipelines.sources`, decodes their depth (`pipelines.corpora.pointmaps.depth_io`), samples N valid
+pixels seeded by the sample key (`pipelines.corpora.pointmaps.sampling`), back-projects them and writes one sample per
 frame: the original image bytes, `KEY.points.npy` (float32 N x 5: u, v in colour pixels, X, Y, Z in
 metres in the colour camera, OpenCV axes) and a record whose `point_3d` conversations ask
 "Please detect the 3D location of point <bbox>[u, v, u, v]</bbox><region>" -> "x: .., y: .., z: ..".
@@ -37,10 +37,16 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.build_cli import register_builder
-from pipelines.depth_io import DEPTH_FORMATS, DepthError, DepthSpec, decode_depth, embodiedscan_spec
-from pipelines.point_sampling import MODES, SamplerConfig, SamplingError, rng_for, sample_pixels
-from pipelines.stage import Item, Reject, Resources, Stage
+from pipelines.corpora.pointmaps.depth_io import (
+    DEPTH_FORMATS,
+    DepthError,
+    DepthSpec,
+    decode_depth,
+    embodiedscan_spec,
+)
+from pipelines.corpora.pointmaps.sampling import MODES, SamplerConfig, SamplingError, rng_for, sample_pixels
+from pipelines.engine.build_cli import register_builder
+from pipelines.engine.stage import Item, Reject, Resources, Stage
 
 __all__ = [
     "SOURCES",
@@ -400,7 +406,7 @@ class ReadFrame(Stage):
     """Read the image bytes (kept, not re-encoded) and decode the depth map into float32 metres.
 
     Rejects: the reader's own reasons (stage `read`), `missing_image`, `unsupported_image_format`,
-    `bad_image` (also a file cut short, `shards.writer.image_problem`), `image_size_mismatch`, the depth reasons of `pipelines.depth_io`, and
+    `bad_image` (also a file cut short, `shards.writer.image_problem`), `image_size_mismatch`, the depth reasons of `pipelines.corpora.pointmaps.depth_io`, and
     `depth_size_mismatch` (a depth map of another size than the image with no depth intrinsics of its own).
     """
 
@@ -563,8 +569,8 @@ def make_config(source: str, *, data_root: str | os.PathLike[str] | None = None,
 
 
 def make_builder(config: dict[str, Any]):
-    """A `pipelines.plan.Builder` for a config from `make_config`."""
-    from pipelines.plan import Builder
+    """A `pipelines.engine.plan.Builder` for a config from `make_config`."""
+    from pipelines.engine.plan import Builder
 
     sampler = SamplerConfig(**config["sampler"])
     return Builder("pointmaps", config, iter_inputs, [
@@ -604,7 +610,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _make(args: argparse.Namespace):
     """`gr3d build pointmaps`: option errors surface as `PlanError` (printed cleanly, exit 2)."""
-    from pipelines.plan import PlanError
+    from pipelines.engine.plan import PlanError
 
     try:
         return make_builder(_config_from_args(args))

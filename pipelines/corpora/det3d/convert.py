@@ -1,6 +1,6 @@
 """Pure conversion for the 3D-detection corpus: one image's annotations -> objects -> record + conversations.
 
-No I/O, no executor: a reader item (Omni3D image or EmbodiedScan frame, as `pipelines/det3d.py` trims it)
+No I/O, no executor: a reader item (Omni3D image or EmbodiedScan frame, as `pipelines/corpora/det3d/builder.py` trims it)
 plus the image's size and extension go in; a schema-valid `det3d` record comes out, or `ConvertReject`
 with a snake_case reason. Kept apart from the builder so the geometry and the text can be tested against
 the sample world's exact ground truth without running a build.
@@ -9,7 +9,7 @@ Both sources end in the same Omni3D camera-frame box (center, dims [w, h, l], R 
 - Omni3D: `center_cam`, `dimensions`, `R_cam` as given; 2D box = `bbox2D_trunc`, else `bbox2D_proj`
   clipped to the image (never a -1 field); objects the reader marked ignored are dropped (counted).
 - EmbodiedScan: world 9-DoF box -> camera (`axis_align_matrix @ cam2global`, ZXY Euler) -> Omni3D axes
-  (`pipelines.geometry.es_box_to_omni_camera`); dropped when a corner has z <= min_z or when its projection
+  (`schemas.geometry.es_box_to_omni_camera`); dropped when a corner has z <= min_z or when its projection
   misses the image; 2D box = the tight box of the projected silhouette (hull of the 8 projected corners)
   clipped to the image, which is what Omni3D's `bbox2D_trunc` is, so both sources give the same 2D box.
 Every box is canonicalized (`schemas.grammar.box3d_from_pose`) and verbalized with the grammar.
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.geometry import es_box_to_omni_camera
 from pipelines.sources.omni3d import box4
 from schemas.camera import box_corners, normalization_scale
+from schemas.geometry import es_box_to_omni_camera
 from schemas.grammar import Box3D, box3d_from_pose, format_box3d, format_grounded
 from schemas.prompts import PROMPTS_VERSION, detect_prompt, region_to_3d_prompt
 

@@ -35,11 +35,11 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from pipelines import progress as progress_mod
-from pipelines.executors.chunk import load_state, run_stage, segments, write_chunk
-from pipelines.plan import BuildPlan
-from pipelines.progress import Progress
-from pipelines.stage import Stage
+from pipelines.engine import progress as progress_mod
+from pipelines.engine.chunk import load_state, run_stage, segments, write_chunk
+from pipelines.engine.plan import BuildPlan
+from pipelines.engine.progress import Progress
+from pipelines.engine.stage import Stage
 
 LOCAL_RUNNERS = {None, "DirectRunner", "FnApiRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner"}
 

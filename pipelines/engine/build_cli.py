@@ -3,12 +3,12 @@
 Corpus builders plug in by registering themselves, so this module never needs to know them:
 
     # pipelines/builders/cot.py  (module level stays light: no torch / ray / transformers imports)
-    from pipelines.build_cli import register_builder
+    from pipelines.engine.build_cli import register_builder
 
     def _add_arguments(p):            # the builder's own options, after the common ones
         p.add_argument("--refspatial", type=Path, required=True)
 
-    def _make(args) -> Builder:       # a pipelines.plan.Builder: config, list_inputs, stages
+    def _make(args) -> Builder:       # a pipelines.engine.plan.Builder: config, list_inputs, stages
         return Builder("cot", {"refspatial": str(args.refspatial)}, list_inputs, [Read(), Tag(), Write()])
 
     register_builder("cot", _make, help="grounded CoT corpus from RefSpatial", add_arguments=_add_arguments)
@@ -35,14 +35,14 @@ from pathlib import Path
 from typing import Any
 
 # Modules whose import registers a builder (`register_builder`), in `--help` order.
-BUILDER_MODULES: list[str] = ["pipelines.cot", "pipelines.det3d", "pipelines.pointmaps"]
+BUILDER_MODULES: list[str] = ["pipelines.corpora.cot.builder", "pipelines.corpora.det3d.builder", "pipelines.corpora.pointmaps.builder"]
 ENV_BUILDERS = "GR3D_BUILDERS"
 
 
 @dataclass(frozen=True)
 class BuilderSpec:
     name: str
-    make: Callable[[argparse.Namespace], Any]  # -> pipelines.plan.Builder
+    make: Callable[[argparse.Namespace], Any]  # -> pipelines.engine.plan.Builder
     help: str = ""
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
@@ -52,7 +52,7 @@ _REGISTRY: dict[str, BuilderSpec] = {}
 
 def register_builder(name: str, make: Callable[[argparse.Namespace], Any], *, help: str = "",
                      add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
-    """Make `gr3d build NAME` available. `make(args)` returns a `pipelines.plan.Builder`.
+    """Make `gr3d build NAME` available. `make(args)` returns a `pipelines.engine.plan.Builder`.
 
     Registering the same name twice with another function is an error (two modules fighting over a
     subcommand); re-registering the same spec (a module imported twice) is harmless.
@@ -136,15 +136,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _no_builders() -> int:
-    print("gr3d build: no builder is registered (see pipelines/build_cli.py)", file=sys.stderr)
+    print("gr3d build: no builder is registered (see pipelines/engine/build_cli.py)", file=sys.stderr)
     return 2
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen builder; print the plan (dry run) or the build summary. Exit 2 on a fatal build error."""
-    from pipelines.executors import BuildError, run_build
-    from pipelines.plan import PlanError
-    from pipelines.stage import StageSetupError
+    from pipelines.engine.plan import PlanError
+    from pipelines.engine.run import BuildError, run_build
+    from pipelines.engine.stage import StageSetupError
 
     spec: BuilderSpec = args.builder_spec
     beam_options = [tok for s in args.beam_options for tok in shlex.split(s)]

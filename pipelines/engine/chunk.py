@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.plan import Chunk, intermediate_path
-from pipelines.stage import Item, Reject, Stage, StageSetupError
+from pipelines.engine.plan import Chunk, intermediate_path
+from pipelines.engine.stage import Item, Reject, Stage, StageSetupError
 
 EXECUTOR_STAGE = "executor"  # the `stage` of rejects the executor itself emits (lost, duplicate, ...)
 MAX_MESSAGE = 2000

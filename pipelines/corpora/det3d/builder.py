@@ -8,7 +8,7 @@ the plan encodes one by one, so chunks are cheap to digest and to ship to worker
 first stage, so every input ends as a sample or a reject. Two CPU stages follow:
 `det3d_read` reads the image bytes (never decoded: format and size come from the file header) and
 `det3d_convert` turns the annotations into canonical boxes, the record and its conversations
-(`pipelines.det3d_convert`). Keys come from the readers (`omni3d/DATASET/ID`, `embodiedscan/SCAN/FRAME`),
+(`pipelines.corpora.det3d.convert`). Keys come from the readers (`omni3d/DATASET/ID`, `embodiedscan/SCAN/FRAME`),
 so both sources share one build.
 
 This module registers the builder and imports nothing heavy at module level.
@@ -23,9 +23,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.build_cli import register_builder
-from pipelines.plan import Builder
-from pipelines.stage import Item, Reject, Stage
+from pipelines.engine.build_cli import register_builder
+from pipelines.engine.plan import Builder
+from pipelines.engine.stage import Item, Reject, Stage
 
 __all__ = ["BUILDER_NAME", "Det3dRead", "Det3dConvert", "make_builder", "iter_inputs", "list_inputs", "omni3d_rules",
            "parse_rule"]
@@ -106,7 +106,7 @@ def list_inputs(config: dict[str, Any]) -> list[Item]:
 def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
     """One item per Omni3D image and per EmbodiedScan frame, plus one per reader reject, yielded as read.
 
-    A generator, so the build's plan encodes each item as it comes (`pipelines.plan.encode_inputs`) and
+    A generator, so the build's plan encodes each item as it comes (`pipelines.engine.plan.encode_inputs`) and
     the listing never exists as a list of dicts (bench/memory.md).
 
     A reader reject becomes `{"key", "read_reject": {"reason", "message"}}` (emitted as a reject row by
@@ -115,8 +115,8 @@ def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
     in parallel). A whole unusable annotation file (truncated JSON, unsafe pickle) becomes one
     `bad_source_file` reject row instead of stopping the build.
     """
+    from pipelines.engine.stage import Reject as _Reject
     from pipelines.sources import SourceError, read_embodiedscan, read_omni3d
-    from pipelines.stage import Reject as _Reject
     from shards.keys import make_key
 
     root = config["data_root"]
@@ -166,7 +166,7 @@ class Det3dRead(Stage):
     batch_size = 64
 
     def process(self, batch: list[Item]) -> tuple[list[Item], list[Reject]]:
-        from pipelines.det3d_convert import image_header
+        from pipelines.corpora.det3d.convert import image_header
         from shards.writer import image_problem
 
         outs: list[Item] = []
@@ -215,7 +215,7 @@ class Det3dRead(Stage):
 class Det3dConvert(Stage):
     """Annotations -> canonical boxes -> the `det3d` record and its two kinds of conversations.
 
-    Rejects: degenerate_box, no_objects, all_boxes_ignored, unknown_format (`pipelines.det3d_convert`).
+    Rejects: degenerate_box, no_objects, all_boxes_ignored, unknown_format (`pipelines.corpora.det3d.convert`).
     """
 
     name = "det3d_convert"
@@ -225,7 +225,7 @@ class Det3dConvert(Stage):
         self.config = dict(config or {})
 
     def process(self, batch: list[Item]) -> tuple[list[Item], list[Reject]]:
-        from pipelines.det3d_convert import ConvertReject, Det3dConfig, convert_item
+        from pipelines.corpora.det3d.convert import ConvertReject, Det3dConfig, convert_item
 
         cfg = Det3dConfig.from_dict(self.config)
         outs: list[Item] = []
@@ -247,11 +247,11 @@ def make_builder(omni3d: Sequence[str | Path] = (), embodiedscan: Sequence[str |
                  data_root: str | Path = ".", **convert: Any) -> Builder:
     """The det3d `Builder`: config (files, data root, conversion settings), listing and the two stages.
 
-    `convert` holds `pipelines.det3d_convert.Det3dConfig` fields (omni3d_ignore, omni3d_rules, min_z,
+    `convert` holds `pipelines.corpora.det3d.convert.Det3dConfig` fields (omni3d_ignore, omni3d_rules, min_z,
     digits_2d, digits_3d, max_rounds, max_detect, prompt_salt); they are validated here.
     """
-    from pipelines.det3d_convert import Det3dConfig
-    from pipelines.plan import PlanError
+    from pipelines.corpora.det3d.convert import Det3dConfig
+    from pipelines.engine.plan import PlanError
 
     if not omni3d and not embodiedscan:
         raise PlanError("det3d needs at least one --omni3d or --embodiedscan file")
@@ -298,7 +298,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _make(args: argparse.Namespace) -> Builder:
-    from pipelines.plan import PlanError
+    from pipelines.engine.plan import PlanError
 
     omni, es, root = list(args.omni3d), list(args.embodiedscan), args.data_root
     if args.sample_world is not None:

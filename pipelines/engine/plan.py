@@ -13,7 +13,7 @@ outputs unless `--overwrite` is given.
 Streaming: the listing may be any iterable (builders yield their items). Each item is validated and
 encoded into a compact blob (`encode_item`) as it arrives, so the driver never holds every input as a
 dict: a plan keeps per chunk only the keys, the blobs and the digest, and the items are decoded where
-the chunk runs (`pipelines.executors.chunk.new_state`). A det3d input costs ~1 KiB encoded against
+the chunk runs (`pipelines.engine.chunk.new_state`). A det3d input costs ~1 KiB encoded against
 ~7.5 KiB as a dict (bench/memory.md).
 """
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.stage import Item, Stage
+from pipelines.engine.stage import Item, Stage
 
 PLAN_FILE = "plan.json"
 # What `--overwrite` deletes: only the paths a build writes, never anything else in the directory.

@@ -11,10 +11,10 @@ import pickle
 from collections.abc import Sequence
 from typing import Any
 
-from pipelines.executors.chunk import run_chunk
-from pipelines.plan import BuildPlan
-from pipelines.progress import Progress
-from pipelines.stage import Stage
+from pipelines.engine.chunk import run_chunk
+from pipelines.engine.plan import BuildPlan
+from pipelines.engine.progress import Progress
+from pipelines.engine.stage import Stage
 
 
 def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | None = None,

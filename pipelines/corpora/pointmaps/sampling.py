@@ -18,7 +18,7 @@ Modes (`SamplerConfig.mode`, recorded in each record's `points.mode`):
   occlusion boundary (a jump of > ~edge_threshold in relative depth) always is. Real sensors put
   "flying pixels" with mixed depths there: bad targets.
 - `depth_stratified_edge_avoiding`: both.
-Invalid depth (0, NaN; already 0 after `pipelines.depth_io`) is never a candidate.
+Invalid depth (0, NaN; already 0 after `pipelines.corpora.pointmaps.depth_io`) is never a candidate.
 """
 
 from __future__ import annotations
