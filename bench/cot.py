@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from annotators.common import Candidate
     from annotators.florence2 import Florence2Tagger, build_tiny_florence2
     from annotators.vlm import TransformersVLM, VerifyRequest, build_tiny_vlm
-    from pipelines.corpora.cot.builder import ReadStage, _load_rgb, _mention_of, list_inputs, make_cot_builder
+    from pipelines.corpora.cot.builder import list_inputs, make_cot_builder
+    from pipelines.corpora.cot.common import _load_rgb, _mention_of
+    from pipelines.corpora.cot.stages import ReadStage
     from pipelines.engine.run import run_build
     from pipelines.sample_world import generate
 

@@ -13,14 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotators.testing import OpenAIStub, Step, default_responder
-from pipelines.corpora.cot.builder import (
-    POINT_SUFFIX_GR3D,
-    ComposeStage,
-    assign_boxes,
-    compose_turn,
-    find_point_lists,
-    make_cot_builder,
-)
+from pipelines.corpora.cot.assign import assign_boxes
+from pipelines.corpora.cot.builder import make_cot_builder
+from pipelines.corpora.cot.stages import ComposeStage
+from pipelines.corpora.cot.text import POINT_SUFFIX_GR3D, compose_turn, find_point_lists
 from pipelines.engine.run import run_build
 from pipelines.engine.stage import StageSetupError
 from schemas.grammar import REGION, check_regions, find_grounded, format_bbox2d
