@@ -34,13 +34,13 @@ from typing import Any
 from annotators.common import Candidate, Mention, MentionLike, mention_text
 from annotators.parsing import ModelOutputError
 from annotators.vlm import Rewrite, RewriteRequest, Verdict, VerifyRequest
+from schemas.boxes import box_iou
 
 __all__ = [
     "GroundTruthMention",
     "load_ground_truth",
     "OracleTagger",
     "OracleVerifier",
-    "box_iou",
     "ORACLE_VERSION",
 ]
 
@@ -122,15 +122,6 @@ def load_ground_truth(path: str | Path) -> dict[tuple[str, int, int, int], Groun
             raise ValueError(f"{path}: ground-truth row {n} repeats mention {key} with different truth")
         out[key] = g
     return out
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two xyxy boxes (0 for empty union)."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 class _GroundTruth:
@@ -240,7 +231,7 @@ class OracleVerifier(_GroundTruth):
         boxes = [
             c.box_xyxy_px if isinstance(c, Candidate) else tuple(float(v) for v in c) for c in candidates
         ]
-        ious = [box_iou(b, g.box_xyxy_px) for b in boxes]
+        ious = [box_iou(b, g.box_xyxy_px, identical_degenerate=0.0) for b in boxes]
         best = max(range(len(ious)), key=lambda i: ious[i])
         choice = best if ious[best] >= self.iou_threshold else None
         conf = round(ious[best], 6)

@@ -12,8 +12,9 @@ from PIL import Image
 
 from annotators.common import Mention
 from annotators.factory import make_tagger, make_verifier
-from annotators.oracle import OracleTagger, OracleVerifier, box_iou, load_ground_truth
+from annotators.oracle import OracleTagger, OracleVerifier, load_ground_truth
 from annotators.vlm import RewriteRequest, VerifyRequest, VLMClient
+from schemas.boxes import box_iou
 
 
 @pytest.fixture(scope="module")

@@ -13,26 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from schemas.boxes import iou_2d, xywh_to_xyxy
+
 __all__ = ["iou_2d", "xywh_to_xyxy", "grounding_accuracy"]
-
-
-def xywh_to_xyxy(boxes: object) -> np.ndarray:
-    """(N, 4) [x, y, w, h] -> [x1, y1, x2, y2] (COCO/Omni3D store XYWH, GR3D's text uses XYXY)."""
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1)
-
-
-def iou_2d(a_xyxy: object, b_xyxy: object) -> np.ndarray:
-    """IoU (N, M) of axis-aligned boxes [x1, y1, x2, y2]; like pycocotools' bbox IoU (no +1, empty union -> 0)."""
-    a = np.asarray(a_xyxy, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b_xyxy, dtype=np.float64).reshape(-1, 4)
-    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def grounding_accuracy(

@@ -1,15 +1,9 @@
 """Reading evaluation inputs: Omni3D ground-truth JSONs (with the test-time ignore rules) and predictions.
 
-Ground truth follows Cube R-CNN's `Omni3D` loader at test time (cubercnn/data/datasets.py, tools/train_net.py
-`do_test`, configs/Base.yaml; see ../shared/formats/omni3d.md "Default ignore filter"):
-
-* the 2D box of an object is `bbox2D_trunc` (when not all -1), else `bbox2D_proj` (when its x1 != -1),
-  else `bbox2D_tight` (when its x1 != -1); an object with none of them is dropped entirely;
-* an object is *ignored* (kept, but neither a miss nor a hit) when: behind_camera; not valid3D; any
-  dimension <= 0; centre z > max_depth (1e8); lidar_pts == 0; segmentation_pts == 0; depth_error > 0.5;
-  2D height <= 0.0625 H or >= 1.5 H; truncation >= 0.33333333 (when >= 0); visibility <= 0.33333333
-  (when >= 0);
-* categories named dontcare / ignore / void are not evaluated.
+Ground truth follows Cube R-CNN's `Omni3D` loader at test time: the 2D box an object is scored on and
+whether it is ignored (kept, but neither a miss nor a hit) are `schemas.omni3d`'s `stored_box` and
+`is_ignore` with `EVAL_RULES` (the reader of the det3d corpus uses the same functions); categories named
+dontcare / ignore / void are not evaluated.
 
 Predictions: Omni3D's per-image form `[{image_id, K, width, height, instances: [{image_id, category_id,
 bbox (XYWH px), score, depth, bbox3D (8x3)}]}]`, or a flat list of such instances. An instance may carry
@@ -22,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from model.eval.omni3d_ap import Detection, GroundTruthSet, GTInstance
+from schemas.omni3d import EVAL_RULES, IgnoreRules, is_ignore, stored_box
 
 __all__ = [
     "FilterSettings",
@@ -42,83 +36,14 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class FilterSettings:
-    """Cube R-CNN's filter settings; the defaults are the evaluation ones (`do_test` + Base.yaml)."""
-
-    visibility_thres: float = 0.33333333
-    truncation_thres: float = 0.33333333
-    min_height_thres: float = 0.0625
-    max_height_thres: float = 1.5
-    max_depth: float = 1e8
-    ignore_names: tuple[str, ...] = ("dontcare", "ignore", "void")
-    trunc_2d_boxes: bool = True
-    modal_2d_boxes: bool = False
+FilterSettings = IgnoreRules  # the evaluator's name for the rules (Cube R-CNN's "filter settings")
+TEST_FILTER = EVAL_RULES
 
 
-TEST_FILTER = FilterSettings()
-
-
-def _xyxy_to_xywh(b: Sequence[float]) -> tuple[float, float, float, float]:
-    return (float(b[0]), float(b[1]), float(b[2]) - float(b[0]), float(b[3]) - float(b[1]))
-
-
-def _all_unset(b: Sequence[float] | None) -> bool:
-    return b is None or all(float(v) == -1 for v in b)
-
-
-def gt_bbox_xywh(
-    anno: Mapping[str, Any], fs: FilterSettings = TEST_FILTER
-) -> tuple[float, float, float, float] | None:
+def gt_bbox_xywh(anno: Mapping[str, Any], fs: IgnoreRules = TEST_FILTER) -> tuple[float, float, float, float] | None:
     """The 2D box (XYWH px) Omni3D assigns to a GT object, or None when it has none (then it is dropped)."""
-    tight = anno.get("bbox2D_tight")
-    if fs.modal_2d_boxes and tight is not None and float(tight[0]) != -1:
-        return _xyxy_to_xywh(tight)
-    trunc = anno.get("bbox2D_trunc")
-    if fs.trunc_2d_boxes and not _all_unset(trunc):
-        return _xyxy_to_xywh(trunc)
-    proj = anno.get("bbox2D_proj")
-    if proj is not None and float(proj[0]) != -1:
-        return _xyxy_to_xywh(proj)
-    if tight is not None and float(tight[0]) != -1:
-        return _xyxy_to_xywh(tight)
-    return None
-
-
-def is_ignore(anno: Mapping[str, Any], image_height: float, fs: FilterSettings = TEST_FILTER) -> bool:
-    """Cube R-CNN's `is_ignore`; absent optional fields count as "not available" (-1), as DATA.md says."""
-    if bool(anno.get("behind_camera", False)) or not bool(anno.get("valid3D", True)):
-        return True
-    dims = anno.get("dimensions", [1.0, 1.0, 1.0])
-    if any(float(x) <= 0 for x in dims):
-        return True
-    if float(anno["center_cam"][2]) > fs.max_depth:
-        return True
-    if anno.get("lidar_pts", -1) == 0 or anno.get("segmentation_pts", -1) == 0:
-        return True
-    if float(anno.get("depth_error", -1)) > 0.5:
-        return True
-    # The height test uses the box `is_ignore` picks (trunc, else proj, else the loader's bbox).
-    trunc = anno.get("bbox2D_trunc")
-    tight = anno.get("bbox2D_tight")
-    if fs.modal_2d_boxes and tight is not None and float(tight[0]) != -1:
-        box = _xyxy_to_xywh(tight)
-    elif fs.trunc_2d_boxes and not _all_unset(trunc):
-        box = _xyxy_to_xywh(trunc)
-    elif anno.get("bbox2D_proj") is not None:
-        box = _xyxy_to_xywh(anno["bbox2D_proj"])
-    else:
-        box = gt_bbox_xywh(anno, fs) or (0.0, 0.0, 0.0, 0.0)
-    height = box[3]
-    if height <= fs.min_height_thres * image_height or height >= fs.max_height_thres * image_height:
-        return True
-    trunc_v = float(anno.get("truncation", -1))
-    if trunc_v >= 0 and trunc_v >= fs.truncation_thres:
-        return True
-    vis = float(anno.get("visibility", -1))
-    if vis >= 0 and vis <= fs.visibility_thres:
-        return True
-    return anno.get("category_name") in fs.ignore_names
+    b = stored_box(anno, fs)
+    return None if b is None else (b[0], b[1], b[2] - b[0], b[3] - b[1])
 
 
 def _dataset_name(path: Path, taken: set[str]) -> str:

@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 
 from pipelines.audit.load import BuildData
+from schemas.boxes import box_iou
 
 __all__ = [
     "IOU_THRESHOLD",
     "agreement",
-    "box_iou",
     "boxes2d",
     "compute_audit",
     "det3d_stats",
@@ -67,17 +67,6 @@ MAX_SCATTER = 20000  # objects drawn in the depth/volume scatter
 
 
 # ============================================================================ small helpers
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two xyxy boxes; two identical zero-size boxes (points) have IoU 1."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    if union <= 0:
-        return 1.0 if [float(v) for v in a] == [float(v) for v in b] else 0.0
-    return float(inter / union)
-
-
 def robust_z(x: Sequence[float] | np.ndarray, min_mad: float = 0.0) -> np.ndarray:
     """Modified z-score 0.6745 (x - median) / MAD: outlier scores that a few outliers cannot mask.
 

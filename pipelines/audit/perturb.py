@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.audit.load import AuditInputError, _iter_tar
-from pipelines.audit.metrics import box_iou
+from schemas.boxes import box_iou
 
 __all__ = ["PERTURB_VERSION", "PERTURBATIONS_FILE", "PerturbError", "perturb_build", "perturb_record"]
 

@@ -9,12 +9,10 @@ count why. Several files are read as one dataset, as `cubercnn.data.Omni3D` conc
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,53 +28,20 @@ from pipelines.sources.common import (
     resolve_under,
 )
 from schemas.camera import CameraError, validate_intrinsics
+from schemas.omni3d import (
+    EVAL_RULES,
+    NO_RULES,
+    RULE_PRESETS,
+    TRAIN_RULES,
+    IgnoreRules,
+    box4,
+    ignore_rule_reasons,
+)
 from shards.keys import make_key
 
 __all__ = ["IgnoreRules", "EVAL_RULES", "TRAIN_RULES", "NO_RULES", "box4", "ignore_reasons", "read_omni3d", "load_omni3d_json"]
 
-IGNORE_NAMES = ("dontcare", "ignore", "void")
 _FILE_RE = re.compile(r"^(?P<dataset>.+)_(?P<split>train|val|test)\.json$")
-
-
-@dataclass(frozen=True)
-class IgnoreRules:
-    """Cube R-CNN's `is_ignore` thresholds. A threshold of None switches that rule off."""
-
-    visibility_thres: float | None = 0.3333
-    truncation_thres: float | None = 0.3333
-    min_height_thres: float | None = 0.0625
-    max_height_factor: float | None = 1.5
-    max_depth: float | None = 1e8
-    max_depth_error: float | None = 0.5
-    require_lidar_pts: bool = True
-    require_segmentation_pts: bool = True
-    ignore_names: tuple[str, ...] = field(default=IGNORE_NAMES)
-    use_trunc_box: bool = True  # TRUNC_2D_BOXES: the height rule measures bbox2D_trunc (else bbox2D_proj)
-
-
-EVAL_RULES = IgnoreRules()
-TRAIN_RULES = IgnoreRules(visibility_thres=0.25, truncation_thres=0.75, min_height_thres=0.05)
-NO_RULES = IgnoreRules(None, None, None, None, None, None, False, False, (), True)
-_PRESETS = {"eval": EVAL_RULES, "train": TRAIN_RULES, "none": NO_RULES}
-
-
-def box4(x: object) -> list[float] | None:
-    """A valid [x1, y1, x2, y2] or None when absent (-1 / missing / malformed)."""
-    if not isinstance(x, list | tuple) or len(x) != 4:
-        return None
-    try:
-        v = [float(a) for a in x]
-    except (TypeError, ValueError):
-        return None
-    if not all(math.isfinite(a) for a in v) or all(a == -1 for a in v) or v[2] < v[0] or v[3] < v[1]:
-        return None
-    return v
-
-
-def _num(x: object) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, int | float):
-        return None
-    return float(x) if math.isfinite(x) else None
 
 
 def _malformed(ann: dict[str, Any]) -> str | None:
@@ -96,45 +61,11 @@ def _malformed(ann: dict[str, Any]) -> str | None:
 
 
 def ignore_reasons(ann: dict[str, Any], image_height: float, rules: IgnoreRules = EVAL_RULES) -> list[str]:
-    """Why Cube R-CNN's `is_ignore` would ignore this annotation (empty list: keep it)."""
+    """Why this annotation is ignored: a malformed geometric field, else `schemas.omni3d`'s rule (empty: keep)."""
     bad = _malformed(ann)
     if bad:
         return [f"malformed_{bad}"]
-    out = []
-    if ann.get("behind_camera") is True:
-        out.append("behind_camera")
-    if ann.get("valid3D") is False:
-        out.append("invalid_3d")
-    dims = [float(d) for d in ann["dimensions"]]
-    if any(d <= 0 for d in dims):
-        out.append("nonpositive_dimensions")
-    if rules.max_depth is not None and float(ann["center_cam"][2]) > rules.max_depth:
-        out.append("too_far")
-    if rules.require_lidar_pts and _num(ann.get("lidar_pts")) == 0:
-        out.append("no_lidar_points")
-    if rules.require_segmentation_pts and _num(ann.get("segmentation_pts")) == 0:
-        out.append("no_segmentation_points")
-    de = _num(ann.get("depth_error"))
-    if rules.max_depth_error is not None and de is not None and de > rules.max_depth_error:
-        out.append("depth_error")
-    box = (box4(ann.get("bbox2D_trunc")) if rules.use_trunc_box else None) or box4(ann.get("bbox2D_proj"))
-    if box is None:
-        out.append("no_2d_box")
-    else:
-        h = box[3] - box[1]
-        if rules.min_height_thres is not None and h <= rules.min_height_thres * image_height:
-            out.append("too_short")
-        if rules.max_height_factor is not None and h >= rules.max_height_factor * image_height:
-            out.append("too_tall")
-    tr = _num(ann.get("truncation"))
-    if rules.truncation_thres is not None and tr is not None and tr != -1 and tr >= rules.truncation_thres:
-        out.append("truncated")
-    vis = _num(ann.get("visibility"))
-    if rules.visibility_thres is not None and vis is not None and vis != -1 and vis <= rules.visibility_thres:
-        out.append("occluded")
-    if ann["category_name"] in rules.ignore_names:
-        out.append("ignore_category")
-    return out
+    return ignore_rule_reasons(ann, image_height, rules)
 
 
 def load_omni3d_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -183,9 +114,9 @@ def read_omni3d(
     malformed_image, duplicate_image_id, orphan_annotation.
     """
     if isinstance(rules, str):
-        if rules not in _PRESETS:
-            raise ValueError(f"unknown ignore-rule preset {rules!r}; choose from {sorted(_PRESETS)}")
-        rules = _PRESETS[rules]
+        if rules not in RULE_PRESETS:
+            raise ValueError(f"unknown ignore-rule preset {rules!r}; choose from {sorted(RULE_PRESETS)}")
+        rules = RULE_PRESETS[rules]
     seen: dict[int, str] = {}
     for f in files:
         path = Path(f)

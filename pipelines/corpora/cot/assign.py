@@ -5,17 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from schemas.boxes import box_iou
+
 SAME_BOX_IOU = 0.9  # candidates of different mentions this close are the same box (one-to-one check)
-
-
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    if union <= 0:  # two degenerate boxes: the same box only if identical
-        return 1.0 if list(a) == list(b) else 0.0
-    return inter / union
 
 
 def _coreferent(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -49,7 +41,7 @@ def assign_boxes(entities: Sequence[dict[str, Any]], candidates: Sequence[Sequen
 
     def col_of(box: Sequence[float]) -> int:
         for k, c in enumerate(cols):
-            if _iou(c, box) >= SAME_BOX_IOU:
+            if box_iou(c, box) >= SAME_BOX_IOU:
                 return k
         cols.append([float(v) for v in box])
         return len(cols) - 1

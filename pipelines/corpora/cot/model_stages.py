@@ -6,10 +6,10 @@ import json
 from typing import Any
 
 from pipelines.corpora.cot.annotation import AnnotatorSpec, _ModelStage
-from pipelines.corpora.cot.assign import _iou
 from pipelines.corpora.cot.common import _load_rgb, _mention_of, _rows_by_key_and_mention
 from pipelines.corpora.cot.text import _norm_box, _truncate
 from pipelines.engine.stage import Item, Reject, StageSetupError
+from schemas.boxes import box_iou
 
 
 class TagStage(_ModelStage):
@@ -208,10 +208,10 @@ class RewriteStage(_ModelStage):
         cat = it["entities"][i]["category"]
         others: list[list[float]] = []
         for j, (e, a) in enumerate(zip(it["entities"], it["assigned"])):
-            if j != i and e["category"] == cat and a["box_px"] and _iou(a["box_px"], box) < 0.5:
+            if j != i and e["category"] == cat and a["box_px"] and box_iou(a["box_px"], box) < 0.5:
                 others.append(a["box_px"])
         for c in it["candidates"][i]:
-            if _iou(c["box_px"], box) < 0.5 and all(_iou(c["box_px"], o) < 0.5 for o in others):
+            if box_iou(c["box_px"], box) < 0.5 and all(box_iou(c["box_px"], o) < 0.5 for o in others):
                 others.append(c["box_px"])
         return others[: self.max_others]
 
