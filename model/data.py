@@ -68,15 +68,16 @@ class Source:
 
 
 def _completed_shards(build: Path) -> tuple[list[str], int]:
-    """Tars whose `NNNNNN.stats.json` exists (written last: the shard is complete) and their sample total."""
+    """Tars of the finished chunks (`shards.layout.is_done`: the stats file, written last) and their sample total."""
+    from shards.layout import BuildLayout
     from shards.reader import shard_urls
 
+    layout = BuildLayout(build)
+    shard_urls(build)  # a clear error when `build` is not a build directory
     urls, n = [], 0
-    for u in shard_urls(build):
-        stats = Path(u).with_suffix(".stats.json")
-        if stats.is_file():
-            urls.append(u)
-            n += int(json.loads(stats.read_text())["n_samples"])
+    for i in layout.done_shards():
+        urls.append(str(layout.tar(i)))
+        n += int(json.loads(layout.stats(i).read_text())["n_samples"])
     return urls, n
 
 

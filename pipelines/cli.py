@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
+from typing import Any
 
 # Modules that register top-level commands, in the order `--help` lists them.
 COMMAND_MODULES: list[str] = [
@@ -22,6 +24,17 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
+def _export_ply(sample: dict[str, Any], out: Path) -> Any:
+    """`gr3d shards show --ply`: the point-map corpus's exporter, imported only when used."""
+    from pipelines.corpora.pointmaps.export import export_ply
+
+    return export_ply(sample, out)
+
+
+# Keyword arguments some `add_parser` take: what a lower package needs from above without importing it.
+COMMAND_OPTIONS: dict[str, dict[str, Any]] = {"shards.cli": {"ply_exporter": _export_ply}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gr3d",
@@ -30,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        importlib.import_module(name).add_parser(sub)
+        importlib.import_module(name).add_parser(sub, **COMMAND_OPTIONS.get(name, {}))
     return parser
 
 

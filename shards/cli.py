@@ -1,7 +1,9 @@
 """`gr3d shards verify DIR` and `gr3d shards show DIR KEY [--ply OUT]`.
 
 Registered by `pipelines/cli.py` (COMMAND_MODULES). Imports only argparse at module level so
-`gr3d --help` stays fast; the work modules load when a subcommand runs.
+`gr3d --help` stays fast; the work modules load when a subcommand runs. `--ply` needs a point-map
+exporter, which lives with the point-map corpus: the root CLI passes it in (`ply_exporter`), so this
+package never imports `pipelines`.
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction,
+               ply_exporter: Callable[[dict[str, Any], Path], Any] | None = None) -> None:
     p = sub.add_parser("shards", help="verify and inspect built shards",
                        description="Verify a build's shards against the contract, or print one sample.")
     ssub = p.add_subparsers(dest="shards_command", metavar="SUBCOMMAND", required=True)
@@ -27,8 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("build_dir", type=Path, metavar="DIR", help="build directory (holds shards/)")
     s.add_argument("key", metavar="KEY", help="sample key")
     s.add_argument("--ply", type=Path, metavar="OUT",
-                   help="also export the sample's points as a PLY file (needs pipelines.corpora.pointmaps.export)")
-    p.set_defaults(func=run)
+                   help="also export the sample's points as a PLY file (a point-map sample)")
+    p.set_defaults(func=run, ply_exporter=ply_exporter)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,11 +73,13 @@ def _show(args: argparse.Namespace) -> int:
         print(f"# {k}: {desc}")
     print(f"# from {sample['__url__']}")
     if args.ply is not None:
+        exporter = getattr(args, "ply_exporter", None)
         try:
-            from pipelines.corpora.pointmaps.export import export_ply
+            if exporter is None:
+                raise ImportError("no exporter was registered (run through `gr3d`)")
+            exporter(sample, args.ply)
         except ImportError as e:
-            print(f"error: --ply needs pipelines.corpora.pointmaps.export.export_ply, which is not available: {e}", file=sys.stderr)
+            print(f"error: --ply needs the point-map exporter, which is not available: {e}", file=sys.stderr)
             return 2
-        export_ply(sample, args.ply)
         print(f"# wrote {args.ply}")
     return 0

@@ -27,17 +27,8 @@ import pyarrow.parquet as pq
 
 from schemas import records
 from shards import jsonio
-from shards.writer import (
-    INDEX_SCHEMA,
-    REJECTS_SCHEMA,
-    atomic_write,
-    index_path,
-    rejects_path,
-    shard_name,
-    shards_dir,
-    stats_path,
-    write_parquet,
-)
+from shards.layout import index_path, rejects_path, shard_name, shards_dir, stats_path
+from shards.writer import INDEX_SCHEMA, REJECTS_SCHEMA, atomic_write, write_parquet
 
 __all__ = ["FinalizeError", "code_version", "finalize", "list_shard_indices", "read_stats"]
 

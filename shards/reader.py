@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from shards.writer import shards_dir, tar_trailer
+from shards.layout import shards_dir, tar_path
+from shards.writer import tar_trailer
 
 __all__ = ["decode_sample", "iter_samples", "make_webdataset", "node_info", "read_sample", "shard_urls"]
 
@@ -96,7 +97,7 @@ def read_sample(build_dir: str | os.PathLike[str], key: str) -> dict[str, Any]:
         hit = t.filter(pc.equal(t["key"], key))
         if hit.num_rows:
             row = hit.to_pylist()[0]
-            tar = shards_dir(build) / f"{row['shard']:06d}.tar"
+            tar = tar_path(build, row["shard"])
             with open(tar, "rb") as fh:
                 fh.seek(row["offset"])
                 blob = fh.read(row["size"])

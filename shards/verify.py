@@ -29,7 +29,8 @@ import numpy as np
 from schemas import records
 from shards import jsonio
 from shards.keys import InvalidKey, validate_key
-from shards.writer import IMAGE_EXTS, Sample, SampleError, check_sample, member_names, shard_name
+from shards.layout import shard_name, shards_dir
+from shards.writer import IMAGE_EXTS, Sample, SampleError, check_sample, member_names
 
 __all__ = ["Problem", "VerifyReport", "verify", "verify_build"]
 
@@ -82,7 +83,7 @@ def verify(build_dir: str | os.PathLike[str], *, require_manifest: bool = True,
     build = Path(build_dir)
     rep = VerifyReport()
     P = rep.problems
-    sdir = build / "shards"
+    sdir = shards_dir(build)
     if not sdir.is_dir():
         P.append(Problem(str(build), "not a build directory: no shards/ folder"))
         return rep

@@ -3,9 +3,9 @@
 Output of chunk `i` (NNNNNN = i zero-padded to 6 digits), all under `build_dir/shards/`:
 `NNNNNN.tar`, `NNNNNN.index.parquet` (one row per sample), `NNNNNN.rejects.parquet` and, LAST,
 `NNNNNN.stats.json`: a chunk is done exactly when its stats file exists, so an interrupted run is
-resumed by redoing every chunk without one (`is_done`, `clean_partial`).
+resumed by redoing every chunk without one (`shards.layout`: `is_done`, `clean_partial`).
 
-Determinism (DESIGN.md): the tar's bytes depend only on the samples' content. Samples are sorted
+Determinism (docs/formats.md, "Shards"): the tar's bytes depend only on the samples' content. Samples are sorted
 by key at close whatever the order of `add`; every member has mtime 0, uid/gid 0, empty
 uname/gname, mode 0o644, PAX format; records are canonical JSON (`shards.jsonio`); arrays are
 `np.save` of C-ordered data; the Parquet files have a fixed Arrow schema and writer options.
@@ -38,14 +38,21 @@ import pyarrow.parquet as pq
 from schemas import records
 from shards import jsonio
 from shards.keys import InvalidKey, validate_key
+from shards.layout import (
+    clean_partial,
+    index_path,
+    rejects_path,
+    shard_name,
+    shards_dir,
+    stats_path,
+    tar_path,
+)
 
 __all__ = [
     "IMAGE_EXTS", "INDEX_SCHEMA", "REJECTS_SCHEMA", "Sample", "SampleError", "ShardWriter", "atomic_write", "check_sample",
-    "clean_partial", "image_problem", "index_path", "is_done", "member_names", "rejects_path", "shard_name", "shards_dir",
-    "stats_path", "tar_path", "tar_member_bytes", "tar_trailer", "write_parquet",
+    "image_problem", "member_names", "tar_member_bytes", "tar_trailer", "write_parquet",
 ]
 
-SHARD_DIGITS = 6
 IMAGE_EXTS = ("jpg", "png")
 ARRAY_NAME = re.compile(r"[a-z0-9_]+")
 TAR_FORMAT = tarfile.PAX_FORMAT
@@ -92,73 +99,6 @@ class Sample:
     image_ext: str
     record: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- paths
-
-
-def shard_name(index: int) -> str:
-    """`7` -> `"000007"`."""
-    if isinstance(index, bool) or not isinstance(index, int | np.integer) or index < 0 or index >= 10**SHARD_DIGITS:
-        raise ValueError(f"shard index must be an int in [0, {10**SHARD_DIGITS}), got {index!r}")
-    return f"{int(index):0{SHARD_DIGITS}d}"
-
-
-def shards_dir(build_dir: str | os.PathLike[str]) -> Path:
-    return Path(build_dir) / "shards"
-
-
-def tar_path(build_dir: str | os.PathLike[str], index: int) -> Path:
-    return shards_dir(build_dir) / f"{shard_name(index)}.tar"
-
-
-def index_path(build_dir: str | os.PathLike[str], index: int) -> Path:
-    return shards_dir(build_dir) / f"{shard_name(index)}.index.parquet"
-
-
-def rejects_path(build_dir: str | os.PathLike[str], index: int) -> Path:
-    return shards_dir(build_dir) / f"{shard_name(index)}.rejects.parquet"
-
-
-def stats_path(build_dir: str | os.PathLike[str], index: int) -> Path:
-    return shards_dir(build_dir) / f"{shard_name(index)}.stats.json"
-
-
-def is_done(build_dir: str | os.PathLike[str], index: int) -> bool:
-    """True when chunk `index` finished: its stats.json exists and parses (it is written last) and its tar exists."""
-    sp = stats_path(build_dir, index)
-    try:
-        stats = jsonio.loads(sp.read_bytes())
-    except (OSError, ValueError):
-        return False
-    return isinstance(stats, dict) and tar_path(build_dir, index).is_file()
-
-
-def clean_partial(build_dir: str | os.PathLike[str], index: int, *, force: bool = False) -> list[Path]:
-    """Remove what an interrupted write of chunk `index` left, so a re-run redoes it.
-
-    Temp files of the chunk always go. The chunk's outputs go too when it is not done, or when
-    `force` (the writer does that before rewriting a chunk): the stats file first, so no moment
-    exists where an old completion marker sits beside a new tar. Returns the removed paths.
-    """
-    d = shards_dir(build_dir)
-    removed: list[Path] = []
-    if not d.is_dir():
-        return removed
-    name = shard_name(index)
-    for p in sorted(d.glob(f".{name}.*.tmp")):
-        p.unlink(missing_ok=True)
-        removed.append(p)
-    if force or not is_done(build_dir, index):
-        for p in (stats_path(build_dir, index), tar_path(build_dir, index),
-                  index_path(build_dir, index), rejects_path(build_dir, index)):
-            if p.exists():
-                p.unlink()
-                removed.append(p)
-    return removed
-
-
-# ---------------------------------------------------------------- tar bytes
 
 
 def tar_member_bytes(name: str, data: bytes) -> bytes:

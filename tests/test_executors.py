@@ -14,7 +14,7 @@ from pipelines.engine.chunk import run_chunk
 from pipelines.engine.plan import make_plan, prepare_build_dir
 from pipelines.engine.run import run_build
 from pipelines.engine.stage import Resources, StageSetupError
-from shards.writer import is_done, stats_path
+from shards.layout import is_done, stats_path
 from tests.test_executors_toy import ToyModel, compared_files, toy_builder
 
 N, CS = 40, 10

@@ -36,8 +36,8 @@ from pipelines.engine.build_cli import register_builder
 from pipelines.engine.plan import Builder, remove_build_outputs
 from pipelines.engine.run import run_build
 from pipelines.engine.stage import Item, Reject, Resources, Stage
+from shards.layout import is_done
 from shards.verify import verify_build
-from shards.writer import is_done
 from tests.ray_cluster import RayCluster, finish, gr3d_subprocess, ray_cluster, reap_drivers
 from tests.test_executors_toy import Finalize, Render, ToyModel, _Score, compared_files, toy_inputs
 

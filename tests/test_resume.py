@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from shards.writer import is_done
+from shards.layout import is_done
 from tests.test_executors_toy import compared_files
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,9 @@ import pytest
 
 from schemas.records import validate
 from shards import jsonio
+from shards.layout import stats_path, tar_path
 from shards.manifest import FinalizeError, code_version, finalize
-from shards.writer import ShardWriter, stats_path, tar_path
+from shards.writer import ShardWriter
 from tests.test_shards_samples import mixed_samples, write_build
 
 CONFIG = {"corpus": "mixed", "chunk_size": 4, "precision": {"bbox": 3, "box3d": 2}}

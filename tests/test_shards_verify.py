@@ -12,9 +12,10 @@ import pytest
 
 from pipelines.cli import main
 from shards import jsonio, writer
+from shards.layout import stats_path, tar_path
 from shards.manifest import finalize
 from shards.verify import verify, verify_build
-from shards.writer import ShardWriter, stats_path, tar_member_bytes, tar_path, tar_trailer
+from shards.writer import ShardWriter, tar_member_bytes, tar_trailer
 from tests.test_shards_samples import det3d_record, image_bytes, make_sample, mixed_samples, write_build
 
 
@@ -162,4 +163,4 @@ def test_show_prints_the_record_and_ply_hook(clean_build: Path, capsys: pytest.C
     assert "not found" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "pipelines.corpora.pointmaps.export", None)  # module absent
     assert main(["shards", "show", str(clean_build), "world/s0001", "--ply", "/tmp/x.ply"]) == 2
-    assert "--ply needs pipelines.corpora.pointmaps.export.export_ply" in capsys.readouterr().err
+    assert "--ply needs the point-map exporter" in capsys.readouterr().err

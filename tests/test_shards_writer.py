@@ -14,18 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from shards import jsonio
+from shards.layout import clean_partial, index_path, is_done, rejects_path, shards_dir, stats_path, tar_path
 from shards.reader import iter_samples, read_sample, shard_urls
-from shards.writer import (
-    SampleError,
-    ShardWriter,
-    clean_partial,
-    index_path,
-    is_done,
-    rejects_path,
-    shards_dir,
-    stats_path,
-    tar_path,
-)
+from shards.writer import SampleError, ShardWriter
 from tests.test_shards_samples import make_sample, mixed_samples
 
 REJECTS = [

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from pipelines.engine.chunk import ChunkState, account, new_state, process_batch, run_stage, segments
-from pipelines.engine.plan import Chunk, intermediate_path
+from pipelines.engine.plan import Chunk
 from pipelines.engine.stage import Reject, Resources, Stage, StageSetupError
+from shards.layout import intermediate_path
 from tests.test_executors_toy import Finalize, Render, ToyModel
 
 

@@ -17,7 +17,7 @@ from pipelines.engine.plan import (
     sort_inputs,
 )
 from pipelines.engine.progress import Progress
-from shards.writer import stats_path
+from shards.layout import stats_path
 
 
 def _items(n: int, tag: str = "") -> list[dict]:

@@ -229,8 +229,11 @@ def references_from_records(records: Iterable[Mapping[str, Any]]) -> dict[str, l
 
 
 def _iter_shard_records(build_dir: Path) -> Iterator[dict[str, Any]]:
-    """KEY.json members of every shard of a build (the layout DESIGN.md fixes), without webdataset."""
-    tars = sorted((build_dir / "shards").glob("*.tar"))
+    """KEY.json members of every shard of a build (the layout `shards.layout` fixes), without webdataset."""
+    from shards.layout import SHARDS_DIR
+    from shards.reader import shard_urls
+
+    tars = [Path(u) for u in shard_urls(build_dir)] if (build_dir / SHARDS_DIR).is_dir() else []
     if not tars:
         raise FileNotFoundError(f"no shards/*.tar under {build_dir}")
     for t in tars:

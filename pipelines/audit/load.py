@@ -26,6 +26,17 @@ from typing import Any
 
 import numpy as np
 
+from shards.layout import (
+    INDEX_FILE,
+    INTERMEDIATE_DIR,
+    SHARDS_DIR,
+    intermediate_path,
+    shard_name,
+    shards_dir,
+    stats_path,
+    tar_path,
+)
+
 __all__ = [
     "AuditInputError",
     "BuildData",
@@ -103,7 +114,7 @@ class BuildData:
             return read_sample(self.root, key)
         except (OSError, ValueError) as e:
             shard = self.shard_of.get(key)
-            where = f"shards/{shard:06d}.tar" if shard is not None else "index.parquet"
+            where = f"{SHARDS_DIR}/{shard_name(shard)}.tar" if shard is not None else INDEX_FILE
             raise AuditInputError(f"{self.root / where}: cannot read sample {key!r}: {e}") from e
 
 
@@ -208,7 +219,7 @@ def load_build(build_dir: str | os.PathLike[str], *, ground_truth: str | os.Path
     when `find_gt`. Raises `AuditInputError` naming the file for anything missing or corrupt.
     """
     root = Path(build_dir).resolve()
-    if not (root / "shards").is_dir():
+    if not shards_dir(root).is_dir():
         raise AuditInputError(f"{root}: not a build directory (no shards/ folder)")
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
@@ -237,7 +248,7 @@ def load_build(build_dir: str | os.PathLike[str], *, ground_truth: str | os.Path
     shard_ids = [int(s["shard"]) for s in manifest["shards"]]
     stats = []
     for i in shard_ids:
-        p = root / "shards" / f"{i:06d}.stats.json"
+        p = stats_path(root, i)
         stats.append(_load_json(p, f"shard stats of shard {i}"))
 
     # -- records (and point summaries), one tar at a time so an error names its tar
@@ -246,7 +257,7 @@ def load_build(build_dir: str | os.PathLike[str], *, ground_truth: str | os.Path
     points: dict[str, np.ndarray] = {}
     point_stats: dict[str, dict[str, float]] = {}
     for i in shard_ids:
-        tar = root / "shards" / f"{i:06d}.tar"
+        tar = tar_path(root, i)
         if not tar.is_file():
             raise AuditInputError(f"{tar}: missing shard listed in manifest.json")
         try:
@@ -275,13 +286,13 @@ def load_build(build_dir: str | os.PathLike[str], *, ground_truth: str | os.Path
     # -- intermediates
     if intermediates:
         must = expected_intermediates(data.config)
-        inter = root / "intermediate"
+        inter = root / INTERMEDIATE_DIR
         present = sorted(p.name for p in inter.iterdir() if p.is_dir()) if inter.is_dir() else []
         for stage in [*must, *(s for s in present if s not in must)]:
             rows: list[dict[str, Any]] = []
             files: list[str] = []
             for i in shard_ids:
-                p = inter / stage / f"{i:06d}.parquet"
+                p = intermediate_path(root, stage, i)
                 if not p.is_file():
                     if stage in must:
                         raise AuditInputError(

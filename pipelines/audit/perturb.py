@@ -36,13 +36,13 @@ import numpy as np
 
 from pipelines.audit.load import AuditInputError, _iter_tar
 from schemas.boxes import box_iou
+from shards.layout import BUILD_OUTPUTS, stats_path, tar_path
 
 __all__ = ["PERTURB_VERSION", "PERTURBATIONS_FILE", "PerturbError", "perturb_build", "perturb_record"]
 
 PERTURB_VERSION = "perturb-v1"
 PERTURBATIONS_FILE = "perturbations.parquet"
-_OUTPUTS = ("shards", "intermediate", "index.parquet", "rejects.parquet", "manifest.json", "run.json",
-            PERTURBATIONS_FILE, "plan.json")
+_OUTPUTS = (*BUILD_OUTPUTS, PERTURBATIONS_FILE)
 
 
 class PerturbError(ValueError):
@@ -271,9 +271,10 @@ def perturb_build(src: str | os.PathLike[str], out: str | os.PathLike[str], *, b
     import pyarrow.parquet as pq
 
     from shards import jsonio
+    from shards.layout import rejects_path
     from shards.manifest import code_version, finalize
     from shards.verify import verify_build
-    from shards.writer import Sample, ShardWriter, rejects_path, write_parquet
+    from shards.writer import Sample, ShardWriter, write_parquet
 
     _check_args(box_jitter, drop, swap)
     src_p, out_p = Path(src).resolve(), Path(out).resolve()
@@ -304,8 +305,8 @@ def perturb_build(src: str | os.PathLike[str], out: str | os.PathLike[str], *, b
     n_units: Counter[str] = Counter()
     for sh in src_manifest["shards"]:
         i = int(sh["shard"])
-        tar = src_p / "shards" / f"{i:06d}.tar"
-        stats = jsonio.loads((src_p / "shards" / f"{i:06d}.stats.json").read_bytes())
+        tar = tar_path(src_p, i)
+        stats = jsonio.loads(stats_path(src_p, i).read_bytes())
         rej = pq.read_table(rejects_path(src_p, i)).to_pylist()
         w = ShardWriter(out_p, i)
         shard_rows: list[dict[str, Any]] = []

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.engine.plan import Chunk, intermediate_path
+from pipelines.engine.plan import Chunk
 from pipelines.engine.stage import Item, Reject, Stage, StageSetupError
+from shards.layout import intermediate_path
 
 EXECUTOR_STAGE = "executor"  # the `stage` of rejects the executor itself emits (lost, duplicate, ...)
 MAX_MESSAGE = 2000

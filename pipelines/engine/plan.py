@@ -31,11 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.engine.stage import Item, Stage
-
-PLAN_FILE = "plan.json"
-# What `--overwrite` deletes: only the paths a build writes, never anything else in the directory.
-BUILD_OUTPUTS = ("shards", "intermediate", "index.parquet", "rejects.parquet", "manifest.json", "run.json",
-                 PLAN_FILE)
+from shards.layout import BUILD_OUTPUTS, INTERMEDIATE_DIR, PLAN_FILE, shards_dir
 
 
 class PlanError(ValueError):
@@ -280,7 +276,7 @@ def make_plan(builder_name: str, config: dict[str, Any], inputs: Iterable[Item] 
     Reads the build directory but writes nothing (so `--dry-run` is safe). A done chunk stays done only
     if `plan.json` says it was made from the same items under the same config and chunk size.
     """
-    from shards.writer import is_done
+    from shards.layout import is_done
 
     build_dir = Path(build_dir)
     if limit is not None and limit < 0:
@@ -318,18 +314,18 @@ def prepare_build_dir(plan: BuildPlan, builder_name: str, config: dict[str, Any]
     Shards past the new last chunk (the input listing shrank) are deleted too, so the manifest never
     merges outputs of another plan.
     """
-    from shards.writer import clean_partial
+    from shards.layout import clean_partial
 
     d = plan.build_dir
-    (d / "shards").mkdir(parents=True, exist_ok=True)
+    shards_dir(d).mkdir(parents=True, exist_ok=True)
     for i in plan.todo:  # before plan.json is rewritten, so a stale marker can never pass for a new one
         clean_partial(d, i, force=i in plan.stale)
     n = len(plan.chunks)
-    for p in sorted((d / "shards").iterdir()):
+    for p in sorted(shards_dir(d).iterdir()):
         head = p.name.split(".", 1)[0]
         if head.isdigit() and int(head) >= n:
             p.unlink()
-    inter = d / "intermediate"
+    inter = d / INTERMEDIATE_DIR
     if inter.is_dir():
         for stage_dir in inter.iterdir():
             for p in stage_dir.glob(".*.tmp"):  # torn writes of a killed run
@@ -353,8 +349,3 @@ def remove_build_outputs(build_dir: str | Path) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-
-
-def intermediate_path(build_dir: str | Path, stage_name: str, index: int) -> Path:
-    """Where a model stage's raw outputs for chunk `index` live: BUILD/intermediate/STAGE/NNNNNN.parquet."""
-    return Path(build_dir) / "intermediate" / stage_name / f"{index:06d}.parquet"

@@ -39,7 +39,7 @@ from pipelines.engine.progress import Progress
 from pipelines.engine.stage import Stage, StageSetupError, _rebuild_setup_error
 
 # shards.writer is light (numpy, pyarrow, jsonschema); Ray and Beam are imported by their executors only.
-from shards.writer import is_done, stats_path
+from shards.layout import is_done, stats_path
 
 EXECUTORS = ("ray", "beam", "local")
 DEFAULT_CHUNK_SIZE = 1000
@@ -85,7 +85,7 @@ class BuildResult:
 def aggregate_stats(build_dir: str | Path, n_shards: int) -> dict[str, Any]:
     """Sum the executor's per-shard extras (per-stage counts, rejects by stage, error histogram)."""
     from shards import jsonio
-    from shards.writer import stats_path
+    from shards.layout import stats_path
 
     out: dict[str, Any] = {"stages": {}, "rejects_by_stage": {}, "error_histogram": {}}
     for i in range(n_shards):

@@ -99,7 +99,7 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
             progress_token: str | None = None, workers: int | None = None, beam_options: Sequence[str] = (),
             **_ignored: Any) -> list[int]:
     """Run the plan's to-do chunks as a Beam pipeline; returns the indices this run wrote."""
-    from shards.writer import is_done
+    from shards.layout import is_done
 
     todo = list(plan.todo)
     opts, local = pipeline_options(beam_options, workers, len(todo))
@@ -138,7 +138,7 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
 def _count_stats(plan: BuildPlan, todo: list[int], progress: Progress) -> None:
     """Per-stage rows of the finished to-do shards, from their stats files."""
     from shards import jsonio
-    from shards.writer import stats_path
+    from shards.layout import stats_path
 
     counts: dict[str, int] = {}
     shards = 0
