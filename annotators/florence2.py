@@ -3,7 +3,7 @@
 Model: transformers' native `Florence2ForConditionalGeneration` (transformers >= 4.56; real
 checkpoints `florence-community/Florence-2-large`, `-base`, `-large-ft`, ... from a local path or a
 hub id). The `microsoft/Florence-2-*` remote-code weights have other parameter names and do not
-load into the native class (see shared/formats/florence2.md).
+load into the native class (docs/formats.md, "Florence-2").
 
 What it asks:
 1. `<CAPTION_TO_PHRASE_GROUNDING>` + the mention text, one request per distinct (image, mention
@@ -324,7 +324,7 @@ class Florence2Tagger:
 def build_tiny_florence2(out_dir: str | Path, seed: int = 0, image_size: int = 64) -> Path:
     """Write a tiny random-weight native Florence-2 checkpoint (model + processor) to `out_dir`.
 
-    Built offline from configs (shared/environment.md section 3): a byte-level BPE tokenizer
+    Built offline from configs (docs/formats.md, "Environment notes"): a byte-level BPE tokenizer
     trained on a few phrases with BART's special-token ids, the 1000 `<loc_k>` tokens as single
     tokens, a 2-stage DaViT and a 1+1-layer BART. It loads with `AutoProcessor` and
     `Florence2ForConditionalGeneration.from_pretrained` like a real checkpoint, so tests run the

@@ -42,8 +42,8 @@ def kernel_bench(world: Any, repeat: int, inner: int) -> dict[str, Any]:
     import open3d as o3d
     from PIL import Image
 
-    from pipelines.corpora.pointmaps.builder import backproject
     from pipelines.corpora.pointmaps.depth_io import DepthSpec, decode_depth
+    from pipelines.corpora.pointmaps.geometry import backproject
     from schemas.geometry import backproject_depth
 
     view = world.ground_truth["scenes"][0]["views"][0]

@@ -1,4 +1,4 @@
-"""The GR3D model: NVILA-Lite backbone + spatial PE + region encoder (method.md section 1).
+"""The GR3D model: NVILA-Lite backbone + spatial PE + region encoder (the paper's method section; docs/model.md).
 
 Data flow for one sample (one image):
   pixels (B, 3, S, S) -> SigLIP layer -2 -> feature map (B, G, G, Cv) -> + spatial PE (u, v, relative depth)
@@ -6,7 +6,7 @@ Data flow for one sample (one image):
   each `<region>` slot gets RegionEncoder(box just before it) pooled from the PE-enriched feature map;
   -> Qwen2 causal LM.
 
-Training rules (method.md 2.2.2 and "What an implementer must decide" 5, 6):
+Training rules (the paper's training section and docs/model.md, decisions 5 and 6):
 - Region embeddings come from the boxes written in the text (the targets, teacher forcing).
 - Regions inside an assistant turn (the ones the model itself inserts at inference) are detached. Regions in
   the user prompt (region prompts, Region->3D) are not: that is how the region encoder learns in stage 1.

@@ -1,4 +1,4 @@
-"""GR3D's spatial position encoding of visual tokens (method.md section 1; SR-3D-style).
+"""GR3D's spatial position encoding of visual tokens (the paper's method section; SR-3D-style).
 
 Per visual token (one SigLIP patch): its pixel coordinates (u, v) normalized to the *original image* (the
 letterbox window is undone, so they live in the same space as the grammar's 2D boxes) and its relative depth

@@ -1,7 +1,7 @@
 """Vision side: image preprocessing policy and the SigLIP tower.
 
 Preprocessing policy (`preprocess_image`), one tile:
-1. Resize by the intrinsics scale s = 1000 / fx to (s*W, s*H) (DESIGN.md "Camera normalization").
+1. Resize by the intrinsics scale s = 1000 / fx to (s*W, s*H) (docs/formats.md, "Design rules").
 2. Fit into the encoder's square input: `letterbox` (default) scales uniformly so the longer side is the
    encoder size and pads the rest with the normalization mean (so padding is ~0 after normalization);
    `stretch` resizes to the square (what NVILA's dynamic preprocess does for a 1-tile grid).

@@ -16,7 +16,8 @@ a directory and an index. `BUILD_OUTPUTS` is what `--overwrite` deletes (never a
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,15 @@ class BuildLayout:
         if name not in BUILD_OUTPUTS:
             raise ValueError(f"{name!r} is not a build output; choose from {BUILD_OUTPUTS}")
         return self.root / name
+
+    def remove_outputs(self, names: Iterable[str] = BUILD_OUTPUTS) -> None:
+        """Delete what a build wrote here (`--overwrite`): only the named outputs, never anything else."""
+        for name in names:
+            p = self.root / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
 
     @property
     def manifest(self) -> Path:

@@ -50,7 +50,7 @@ from shards.layout import (
 
 __all__ = [
     "IMAGE_EXTS", "INDEX_SCHEMA", "REJECTS_SCHEMA", "Sample", "SampleError", "ShardWriter", "atomic_write", "check_sample",
-    "image_problem", "member_names", "tar_member_bytes", "tar_trailer", "write_parquet",
+    "image_problem", "member_names", "sniff_image_ext", "tar_member_bytes", "tar_trailer", "write_parquet",
 ]
 
 IMAGE_EXTS = ("jpg", "png")
@@ -59,6 +59,11 @@ TAR_FORMAT = tarfile.PAX_FORMAT
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads archives to this, so do we
 _MAGIC = {"jpg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}
+
+
+def sniff_image_ext(data: bytes) -> str | None:
+    """"png" or "jpg" from a file's first bytes, else None. Shards keep original bytes, so only these two."""
+    return next((ext for ext, magic in _MAGIC.items() if bytes(data[:8]).startswith(magic)), None)
 # A module global, looked up at each call, so a test can swap it to write a deliberately broken record.
 validate_record: Callable[[str, Any], None] = records.validate
 

@@ -261,7 +261,7 @@ def _embodiedscan(root: Path, files: _Files, outside_rel: str, sentinel: Path, b
 
     add("good_jpeg", frame("f01", img=files.good_jpeg(f"{d}/image/f01.jpg")), {"det3d": None, "pointmaps": None})
     add("truncated_jpeg", frame("f02", img=files.truncated_jpeg(f"{d}/image/f02.jpg")),
-        {"det3d": "unreadable_image", "pointmaps": "bad_image"})
+        {"det3d": "unreadable_image", "pointmaps": "unreadable_image"})
     add("png_wrong_bit_depth", frame("f03", depth=files.depth_8bit(f"{d}/depth/f03.png")),
         {"det3d": None, "pointmaps": "bad_depth_format"})
     add("all_zero_depth", frame("f04", depth=files.depth_zero(f"{d}/depth/f04.png")),

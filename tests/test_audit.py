@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.audit import metrics
+from pipelines.audit import metrics, stats
 from pipelines.audit.load import AuditInputError, load_build
 from pipelines.audit.perturb import PerturbError, perturb_build, perturb_record
 from pipelines.audit.review import ScoreError, allocate, sample_for_review, score_sheet
@@ -226,15 +226,15 @@ def test_perturb_rates_match_the_probabilities_on_a_large_record() -> None:
 def test_wilson_interval_values() -> None:
     from scipy.stats import binomtest
 
-    lo, hi = metrics.wilson_interval(191, 200)  # the paper's 95.5% of 200
+    lo, hi = stats.wilson_interval(191, 200)  # the paper's 95.5% of 200
     assert (lo, hi) == (pytest.approx(0.916703, abs=1e-6), pytest.approx(0.976147, abs=1e-6))
     for k, n in ((191, 200), (7, 29), (1, 3), (50, 50)):  # against scipy's independent implementation
         ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
-        assert metrics.wilson_interval(k, n) == (pytest.approx(ci.low, abs=1e-12), pytest.approx(ci.high, abs=1e-12))
+        assert stats.wilson_interval(k, n) == (pytest.approx(ci.low, abs=1e-12), pytest.approx(ci.high, abs=1e-12))
     z = 1.959963984540054
-    assert metrics.wilson_interval(0, 10) == (0.0, pytest.approx(z * z / (10 + z * z)))
-    assert metrics.wilson_interval(10, 10) == (pytest.approx(10 / (10 + z * z)), pytest.approx(1.0, abs=1e-12))
-    assert metrics.wilson_interval(0, 0) == (0.0, 1.0)
+    assert stats.wilson_interval(0, 10) == (0.0, pytest.approx(z * z / (10 + z * z)))
+    assert stats.wilson_interval(10, 10) == (pytest.approx(10 / (10 + z * z)), pytest.approx(1.0, abs=1e-12))
+    assert stats.wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_allocate_is_proportional_with_one_per_stratum() -> None:
@@ -276,7 +276,7 @@ def test_review_sheet_and_score(fab: Path, tmp_path: Path) -> None:
     assert 0 < k < n, "the perturbed sample must hold both correct and wrong boxes"
     assert (res["marked"], res["correct"], res["unmarked"]) == (n, k, 1)
     assert res["accuracy"] == pytest.approx(k / n)
-    assert (res["ci_low"], res["ci_high"]) == pytest.approx(metrics.wilson_interval(k, n))
+    assert (res["ci_low"], res["ci_high"]) == pytest.approx(stats.wilson_interval(k, n))
     assert res["ci_low"] < res["accuracy"] < res["ci_high"]
     assert res["weighted"] is not None and 0 <= res["weighted"]["ci_low"] <= res["weighted"]["accuracy"] <= 1
     rows[3]["verdict"] = "maybe"

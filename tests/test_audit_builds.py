@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.audit import metrics
+from pipelines.audit import geometry_stats, metrics
 from pipelines.audit.load import load_build
 from pipelines.audit.perturb import perturb_build
 from pipelines.audit.report import write_report
@@ -121,7 +121,7 @@ def test_perturbed_oracle_build_loses_exactly_what_was_injected(builds: dict[str
 
 def test_det3d_distributions_outliers_and_jitter(builds: dict[str, Path], tmp_path: Path) -> None:
     b = load_build(builds["det3d"])
-    d = metrics.det3d_stats(b)
+    d = geometry_stats.det3d_stats(b)
     objs = [o for r in b.records.values() for o in r["objects"]]
     z = np.array([o["box3d"]["center"][2] for o in objs])
     assert d["n_objects"] == len(objs) > 10
@@ -135,21 +135,21 @@ def test_det3d_distributions_outliers_and_jitter(builds: dict[str, Path], tmp_pa
     cat = max({o["category"] for o in objs}, key=lambda c: sum(o["category"] == c for o in objs))
     key, i = next((k, j) for k, r in sorted(b.records.items()) for j, o in enumerate(r["objects"]) if o["category"] == cat)
     b.records[key]["objects"][i]["box3d"]["dimensions"][1] = 14.0
-    d2 = metrics.det3d_stats(b)
+    d2 = geometry_stats.det3d_stats(b)
     rules = {o["rule"] for o in d2["outliers"] if (o["key"], o["index"]) == (key, i)}
     assert {"largest_side_robust_z", "volume_robust_z", "h_above_10m"} <= rules
     # jittered 2D boxes agree less with their 3D boxes' projections
     out = tmp_path / "pj"
     s = perturb_build(builds["det3d"], out, box_jitter=0.4, seed=0)
     assert s["counts"]["jittered"] == len(objs)
-    d3 = metrics.det3d_stats(load_build(out))
+    d3 = geometry_stats.det3d_stats(load_build(out))
     assert d3["consistency_iou"]["mean"] < d["consistency_iou"]["mean"] - 0.1
     assert d3["depth"] == d["depth"]  # 3D boxes untouched
 
 
 def test_pointmap_distribution_and_outlier(builds: dict[str, Path]) -> None:
     b = load_build(builds["pointmaps"])
-    p = metrics.pointmap_stats(b)
+    p = geometry_stats.pointmap_stats(b)
     pts = [r for r in b.points.values()]
     assert p["n_samples"] == len(pts) > 0 and p["n_points"] == sum(int(v["n"]) for v in b.point_stats.values())
     allz = np.concatenate([x[:, 4] for x in pts])
@@ -158,7 +158,7 @@ def test_pointmap_distribution_and_outlier(builds: dict[str, Path]) -> None:
     assert sum(sum(r) for r in p["uv_heatmap"]) == allz.size
     key = sorted(b.point_stats)[0]
     b.point_stats[key]["z_median"] *= 10.0
-    p2 = metrics.pointmap_stats(b)
+    p2 = geometry_stats.pointmap_stats(b)
     assert [o["key"] for o in p2["outliers"] if o["rule"] == "median_depth_robust_z"] == [key]
 
 

@@ -19,7 +19,7 @@ from scipy.spatial.transform import Rotation
 from model.eval import iou_3d
 from model.eval.iou3d import DegenerateBoxWarning, box_volume
 
-# Omni3D / pytorch3d corner order of the unit cube (formats/omni3d.md "Conventions").
+# Omni3D / pytorch3d corner order of the unit cube (docs/formats.md, "Omni3D").
 UNIT = np.array(
     [[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1], [1, 1, 1], [0, 1, 1]], float
 )

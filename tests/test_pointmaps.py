@@ -20,13 +20,15 @@ from PIL import Image
 from pipelines.corpora.pointmaps.builder import (
     ReadFrame,
     SamplePoints,
-    backproject,
-    backproject_indices,
     build_record,
-    colour_affine,
-    colour_view_mask,
     list_inputs,
     make_config,
+)
+from pipelines.corpora.pointmaps.geometry import (
+    backproject,
+    backproject_indices,
+    colour_affine,
+    colour_view_mask,
     sample_frame,
 )
 from pipelines.corpora.pointmaps.sampling import SamplerConfig, SamplingError
@@ -267,7 +269,7 @@ def test_read_stage_rejects_with_reasons(sample_world, tmp_path) -> None:
     assert [it["key"] for it in items] == [f"rgbd/scene0000/00000{i}" for i in range(4)]
     read, rej = ReadFrame().process(items)
     got = {r.key.rsplit("/", 1)[1]: (r.stage, r.reason) for r in rej}
-    assert got == {"000002": ("read_frame", "bad_depth"), "000003": ("read", "bad_image")}
+    assert got == {"000002": ("read_frame", "bad_depth"), "000003": ("read", "unreadable_image")}
     out, rej = SamplePoints(SamplerConfig(n=20)).process(read)
     assert [r.reason for r in rej] == ["too_few_valid_pixels"] and rej[0].key.endswith("000001")
     assert [o["key"] for o in out] == ["rgbd/scene0000/000000"]

@@ -22,7 +22,7 @@ from pipelines.engine.run import run_build
 from shards.reader import iter_samples, read_sample
 from shards.verify import verify_build
 
-REASONS = {"bad_depth": 1, "bad_image": 1, "too_few_valid_pixels": 1}
+REASONS = {"bad_depth": 1, "unreadable_image": 1, "too_few_valid_pixels": 1}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipelines.sample_world.catalog import COLOURS, FLOOR_CATEGORIES, OMNI3D_CATEGORIES, TOP_CATEGORIES
 
-# Omni3D / pytorch3d corner order from formats/omni3d.md, as (x, y, z) signs of (l/2, h/2, w/2).
+# Omni3D / pytorch3d corner order from docs/formats.md ("Omni3D"), as (x, y, z) signs of (l/2, h/2, w/2).
 OMNI_SIGNS = np.array([[-1, -1, -1], [1, -1, -1], [1, 1, -1], [-1, 1, -1],
                        [-1, -1, 1], [1, -1, 1], [1, 1, 1], [-1, 1, 1]], dtype=np.float64)  # fmt: skip
 SUNRGBD_CATEGORIES = {

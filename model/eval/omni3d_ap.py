@@ -1,6 +1,6 @@
 """The Omni3D AP3D protocol (Cube R-CNN's `Omni3Deval`), without pycocotools, detectron2 or pytorch3d.
 
-What it reproduces (cubercnn/evaluation/omni3d_evaluation.py @ 778bd02, see ../shared/formats/omni3d.md):
+What it reproduces (cubercnn/evaluation/omni3d_evaluation.py @ 778bd02, see docs/formats.md, "Omni3D"):
 
 * matching per (image, category), detections sorted by score (stable) and cut to 100, each taking the
   unmatched ground truth of highest 3D IoU >= t (ties: the later one), regular ground truth before
@@ -51,7 +51,7 @@ __all__ = [
     "PROXIMITY_DATASETS",
 ]
 
-# Category lists from cubercnn/data/builtin.py (formats/omni3d.md), for the Omni3D / _In / _Out summaries.
+# Category lists from cubercnn/data/builtin.py (docs/formats.md), for the Omni3D / _In / _Out summaries.
 from schemas.categories import OMNI3D_CATEGORIES, OMNI3D_IN_CATEGORIES, OMNI3D_OUT_CATEGORIES  # noqa: F401
 
 # Omni3D turns proximity evaluation on when the dataset name contains one of these.

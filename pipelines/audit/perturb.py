@@ -36,7 +36,7 @@ import numpy as np
 
 from pipelines.audit.load import AuditInputError, _iter_tar
 from schemas.boxes import box_iou
-from shards.layout import BUILD_OUTPUTS, stats_path, tar_path
+from shards.layout import BUILD_OUTPUTS, BuildLayout, stats_path, tar_path
 
 __all__ = ["PERTURB_VERSION", "PERTURBATIONS_FILE", "PerturbError", "perturb_build", "perturb_record"]
 
@@ -292,12 +292,7 @@ def perturb_build(src: str | os.PathLike[str], out: str | os.PathLike[str], *, b
     if out_p.exists() and any(out_p.iterdir()):
         if not overwrite:
             raise PerturbError(f"{out_p} is not empty; pass --overwrite to replace the build there")
-        for name in _OUTPUTS:
-            p = out_p / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        BuildLayout(out_p).remove_outputs(_OUTPUTS)
     out_p.mkdir(parents=True, exist_ok=True)
 
     params = {"box_jitter": float(box_jitter), "drop": float(drop), "swap": float(swap), "seed": int(seed)}

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.audit.load import AuditInputError, BuildData, load_build
-from pipelines.audit.metrics import wilson_interval, wilson_score
+from pipelines.audit.stats import wilson_interval, wilson_score
 
 __all__ = ["CORRECT", "SHEET_COLUMNS", "WRONG", "ScoreError", "allocate", "review_units", "sample_for_review",
            "score_sheet"]

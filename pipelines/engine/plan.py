@@ -1,6 +1,6 @@
 """The build plan: a deterministic input listing cut into chunks, and which chunks are already done.
 
-Output shard i is a function of input chunk i alone (DESIGN.md). So the plan is what makes a build
+Output shard i is a function of input chunk i alone (docs/architecture.md). So the plan is what makes a build
 resumable and executor-independent: chunk i is always `inputs[i*cs:(i+1)*cs]` of the sorted listing,
 a chunk is done when its shard's stats file exists (the writer writes it last), and a re-run skips done
 chunks and redoes the others from scratch.
@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.engine.stage import Item, Stage
-from shards.layout import BUILD_OUTPUTS, INTERMEDIATE_DIR, PLAN_FILE, shards_dir
+from shards.layout import INTERMEDIATE_DIR, PLAN_FILE, BuildLayout, shards_dir
 
 
 class PlanError(ValueError):
@@ -342,10 +341,4 @@ def prepare_build_dir(plan: BuildPlan, builder_name: str, config: dict[str, Any]
 
 def remove_build_outputs(build_dir: str | Path) -> None:
     """`--overwrite`: delete what a previous build wrote (only the known output paths)."""
-    d = Path(build_dir)
-    for name in BUILD_OUTPUTS:
-        p = d / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    BuildLayout(build_dir).remove_outputs()

@@ -6,13 +6,14 @@ into reader arguments, so nobody hard-codes the layout.
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SampleWorld"]
+__all__ = ["SampleWorld", "add_sample_world_argument", "sample_world_of"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,20 @@ class SampleWorld:
     def ground_truth(self) -> dict[str, Any]:
         """The parsed `ground_truth.json` (read once)."""
         return json.loads((self.root / self.manifest["ground_truth"]).read_text(encoding="utf-8"))
+
+
+def add_sample_world_argument(group: argparse._ActionsContainer) -> None:
+    """`--sample-world DIR`, the same flag in every builder: take the inputs from a generated world."""
+    group.add_argument("--sample-world", type=Path, default=None, metavar="DIR",
+                       help="take this corpus's inputs (and the data root) from a generated sample world "
+                            "(`gr3d sample-world`); explicit input flags are added to them")
+
+
+def sample_world_of(args: argparse.Namespace) -> SampleWorld | None:
+    """The world `--sample-world` names, or None; a directory without `sample_world.json` is a ValueError."""
+    root = getattr(args, "sample_world", None)
+    if root is None:
+        return None
+    if not (Path(root) / "sample_world.json").is_file():
+        raise ValueError(f"--sample-world {root}: no sample_world.json there")
+    return SampleWorld(Path(root), json.loads((Path(root) / "sample_world.json").read_text(encoding="utf-8")))

@@ -2,7 +2,7 @@
 
 Each reader yields plain item dicts (with "key", "format", "source") or `ReadReject`s with a reason;
 it raises `SourceError` only when a whole file is unusable. Readers are written from the format notes
-(`formats/*.md`), never from the sample-world generator, so the sample world can test them.
+(docs/formats.md), never from the sample-world generator, so the sample world can test them.
 """
 
 from pipelines.sources.common import (

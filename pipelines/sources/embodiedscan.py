@@ -1,6 +1,6 @@
 """EmbodiedScan info files (`embodiedscan_infos_{split}.pkl`): one item per posed RGB-D frame.
 
-Written from `formats/embodiedscan.md`. The pkl is untrusted, so it is loaded through the
+Written from the format notes (docs/formats.md, "EmbodiedScan"). The pkl is untrusted, so it is loaded through the
 restricted unpickler. Per frame the item carries what a builder needs to put the scan's aligned-world
 9-DoF boxes into the camera: colour K (per-image `cam2img` when present, as in Matterport3D, else
 the scan's), depth K (`depth_cam2img`, falling back to `cam2img`), T = axis_align_matrix @ cam2global

@@ -1,6 +1,6 @@
 """Omni3D annotation files (`{Dataset}_{split}.json`): one item per image, with its annotations.
 
-Written from `formats/omni3d.md`. Each annotation keeps its raw fields and gets `ignore` plus the
+Written from the format notes (docs/formats.md, "Omni3D"). Each annotation keeps its raw fields and gets `ignore` plus the
 list of `ignore_reasons` from the selectable ignore rules (default: the evaluation settings of
 `tools/train_net.py` + `configs/Base.yaml`), so a builder can drop ignored objects and the audit can
 count why. Several files are read as one dataset, as `cubercnn.data.Omni3D` concatenates them.

@@ -1,6 +1,6 @@
 """RefSpatial LLaVA-style JSON arrays: one item per record, streamed.
 
-Written from `formats/refspatial.md`. The released files are multi-GB single JSON arrays, so they
+Written from the format notes (docs/formats.md, "RefSpatial"). The released files are multi-GB single JSON arrays, so they
 are parsed record by record with bounded memory (`iter_json_array`). `image`/`depth` may be a str
 or a list; paths are bare names relative to a per-file image root and depth root (the table in the
 format notes, `default_files`).

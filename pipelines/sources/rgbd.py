@@ -85,7 +85,7 @@ def read_rgbd(root: str | os.PathLike) -> Iterator[ReadResult]:
 
     Item fields: key, format="rgbd", source {dataset, file, id}, image_path, depth_path, depth_format
     ("npy_m" | "png_mm"), depth_scale (png only), K, depth_K (3x3), width, height, depth_width, depth_height.
-    Rejects: missing_depth, bad_intrinsics, bad_depth, bad_image, depth_size_mismatch. A missing `root`
+    Rejects: missing_depth, bad_intrinsics, bad_depth, unreadable_image, depth_size_mismatch. A missing `root`
     raises `SourceError`.
     """
     base = Path(os.path.abspath(root))
@@ -121,7 +121,7 @@ def read_rgbd(root: str | os.PathLike) -> Iterator[ReadResult]:
         try:
             width, height = _image_size(img)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for a damaged file
-            yield read_reject(key, "bad_image", f"{where}: cannot read the image header: {exc}")
+            yield read_reject(key, "unreadable_image", f"{where}: cannot read the image header: {exc}")
             continue
         try:
             shape = _depth_shape(depth)

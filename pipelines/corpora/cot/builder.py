@@ -55,6 +55,7 @@ from pipelines.corpora.cot.stages import AssignStage, ComposeStage, ReadStage
 from pipelines.engine.build_cli import register_builder
 from pipelines.engine.plan import Builder
 from pipelines.engine.stage import Item, Reject, Stage
+from pipelines.sample_world.paths import add_sample_world_argument, sample_world_of
 
 __all__ = [
     "CACHE_RELPATH",
@@ -293,10 +294,11 @@ def make_cot_builder(
 # ============================================================================ CLI
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cot: inputs")
-    g.add_argument("--refspatial", nargs="+", required=True, metavar="FILE",
-                   help="RefSpatial JSON files (absolute, or relative to --data-root)")
-    g.add_argument("--data-root", type=Path, required=True,
+    g.add_argument("--refspatial", nargs="+", default=[], metavar="FILE",
+                   help="RefSpatial JSON files (absolute, or relative to --data-root); required unless --sample-world")
+    g.add_argument("--data-root", type=Path, default=None,
                    help="data root: the RefSpatial root (or its parent), or a sample world")
+    add_sample_world_argument(g)
     g.add_argument("--image-root", default=None, help="image root relative to --data-root, for files outside "
                    "the released layout (default: from the layout or sample_world.json)")
     g.add_argument("--depth-root", default=None, help="depth root relative to --data-root (with --image-root)")
@@ -356,10 +358,18 @@ def _make_unchecked(args: argparse.Namespace) -> Builder:
         nouns = [ln.strip() for ln in args.vocabulary.read_text(encoding="utf-8").splitlines()
                  if ln.strip() and not ln.startswith("#")]
     cache: str | bool | None = None if args.no_cache else (args.cache or True)
+    world = sample_world_of(args)
+    refspatial, data_root, ground_truth = list(args.refspatial), args.data_root, args.ground_truth
+    if world is not None:
+        refspatial = refspatial or [str(f.json_path) for f in world.refspatial_files]
+        data_root = data_root or world.root
+        ground_truth = ground_truth or world.root / world.manifest["ground_truth"]
+    if data_root is None or not refspatial:
+        raise ValueError("--refspatial FILE... and --data-root are required (or --sample-world DIR)")
     return make_cot_builder(
-        args.refspatial, args.data_root, out=args.out, tagger=args.tagger, verifier=args.verifier,
+        refspatial, data_root, out=args.out, tagger=args.tagger, verifier=args.verifier,
         tagger_model=args.tagger_model, verifier_model=args.verifier_model, endpoint=args.endpoint,
-        ground_truth=args.ground_truth, image_root=args.image_root, depth_root=args.depth_root, rewrite=args.rewrite,
+        ground_truth=ground_truth, image_root=args.image_root, depth_root=args.depth_root, rewrite=args.rewrite,
         min_confidence=args.min_confidence, allow_partial=args.allow_partial, question_only=args.question_only,
         max_candidates=args.max_candidates, extra_nouns=nouns, cache=cache, device=args.device, dtype=args.dtype,
         num_gpus=args.num_gpus, torch_threads=args.torch_threads, tagger_batch_size=args.tagger_batch_size,

@@ -68,11 +68,12 @@ class ReadStage(Stage):
                 data = fh.read()
         except OSError as exc:
             return rej("unreadable_image", f"{type(exc).__name__}: {exc}")
+        from shards.writer import image_problem, sniff_image_ext
+
         head = data[:8]
-        ext = "png" if head.startswith(b"\x89PNG\r\n\x1a\n") else "jpg" if head.startswith(b"\xff\xd8\xff") else None
+        ext = sniff_image_ext(head)
         if ext is None:
             return rej("unsupported_image_format", f"{Path(path).name}: not PNG or JPEG (first bytes {head[:4]!r})")
-        from shards.writer import image_problem
 
         why = image_problem(data, ext)  # a file cut short passes PIL's header checks (verify() skips JPEG data)
         if why is not None:

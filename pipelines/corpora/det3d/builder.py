@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 from pipelines.engine.build_cli import register_builder
 from pipelines.engine.plan import Builder
 from pipelines.engine.stage import Item, Reject, Stage
+from pipelines.sample_world.paths import add_sample_world_argument, sample_world_of
 
 __all__ = ["BUILDER_NAME", "Det3dRead", "Det3dConvert", "make_builder", "iter_inputs", "list_inputs", "omni3d_rules",
            "parse_rule"]
@@ -282,8 +282,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="EmbodiedScan info pkl files (embodiedscan_infos_{split}.pkl)")
     g.add_argument("--data-root", type=Path, default=None,
                    help="root that Omni3D file_path and EmbodiedScan img_path are relative to")
-    g.add_argument("--sample-world", type=Path, default=None, metavar="DIR",
-                   help="use a generated sample world's Omni3D and EmbodiedScan files (and its root as data root)")
+    add_sample_world_argument(g)
     c = p.add_argument_group("det3d conversion")
     c.add_argument("--omni3d-ignore", choices=("train", "eval", "none"), default="train",
                    help="Omni3D ignore-rule preset: train (Cube R-CNN Base.yaml, default), eval, none")
@@ -301,13 +300,14 @@ def _make(args: argparse.Namespace) -> Builder:
     from pipelines.engine.plan import PlanError
 
     omni, es, root = list(args.omni3d), list(args.embodiedscan), args.data_root
-    if args.sample_world is not None:
-        if not (args.sample_world / "sample_world.json").is_file():
-            raise PlanError(f"--sample-world {args.sample_world}: no sample_world.json there")
-        man = json.loads((args.sample_world / "sample_world.json").read_text(encoding="utf-8"))
-        omni += [str(args.sample_world / p) for p in man["files"]["omni3d"]]
-        es += [str(args.sample_world / p) for p in man["files"]["embodiedscan"]]
-        root = root or args.sample_world
+    try:
+        world = sample_world_of(args)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    if world is not None:
+        omni += [str(p) for p in world.omni3d_files]
+        es += [str(p) for p in world.embodiedscan_files]
+        root = root or world.root
     if root is None:
         raise PlanError("--data-root is required (or --sample-world)")
     try:

@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.sources.omni3d import box4
 from schemas.camera import box_corners, normalization_scale
 from schemas.geometry import es_box_to_omni_camera
 from schemas.grammar import Box3D, box3d_from_pose, format_box3d, format_grounded
+from schemas.omni3d import box4
 from schemas.prompts import PROMPTS_VERSION, detect_prompt, region_to_3d_prompt
+from shards.writer import sniff_image_ext
 
 __all__ = [
     "Det3dConfig",
@@ -79,7 +80,7 @@ class Det3dConfig:
         if not 1 <= self.max_rounds <= 10:
             raise ValueError(f"max_rounds must be in 1..10 (the record schema allows 20 turns), got {self.max_rounds}")
         if not 1 <= self.max_detect <= 20:
-            raise ValueError(f"max_detect must be in 1..20 (DESIGN.md), got {self.max_detect}")
+            raise ValueError(f"max_detect must be in 1..20 (the paper's limit), got {self.max_detect}")
         if self.digits_2d < 1 or self.digits_3d < 1:
             raise ValueError("digits_2d and digits_3d must be >= 1")
         if not (math.isfinite(self.min_z) and self.min_z >= 0):
@@ -476,11 +477,12 @@ def image_header(data: bytes) -> tuple[str, int, int]:
 
     Raises ValueError naming what is wrong (unknown format, truncated header).
     """
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
+    ext = sniff_image_ext(data)
+    if ext == "png":
         if len(data) < 24 or data[12:16] != b"IHDR":
             raise ValueError("truncated PNG header")
         return "png", int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:3] == b"\xff\xd8\xff":
+    if ext == "jpg":
         pos, n = 2, len(data)
         while pos + 4 <= n:
             if data[pos] != 0xFF:

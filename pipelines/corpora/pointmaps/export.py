@@ -58,7 +58,7 @@ def cloud_of_sample(sample: dict[str, Any], data_root: str | os.PathLike[str] | 
 
     `what` says which cloud it is: `stored_depth`, `source_depth` or `sampled_points`.
     """
-    from pipelines.corpora.pointmaps.builder import backproject, colour_view_mask
+    from pipelines.corpora.pointmaps.geometry import backproject, colour_view_mask
 
     rec = sample["json"]
     if rec.get("corpus") != "pointmap":

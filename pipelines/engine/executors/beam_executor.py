@@ -7,7 +7,7 @@ shared chunk runner. Shards are written by the workers, so the output bytes equa
 
 Runners:
 - default (no `--runner` in `beam_options`, or DirectRunner): `FnApiRunner` in this process's control,
-  never the Prism download that DirectRunner tries first (environment.md). With more than one worker it
+  never the Prism download that DirectRunner tries first (docs/formats.md, "Environment notes"). With more than one worker it
   uses `direct_running_mode=multi_processing` (Python SDK worker subprocesses: the GIL is not shared);
   with one worker it runs in-process.
 - any other runner (FlinkRunner, SparkRunner, DataflowRunner, PortableRunner): `beam_options` pass

@@ -12,7 +12,7 @@ items, rejects and counts travel with the chunk between operators.
 
 No deadlock on small machines: actors hold their CPUs for the whole run, so actor and task CPU requests
 are scaled down to fractions such that the actor pools plus at least one task always fit in the
-cluster's CPUs (environment.md: 2 actors with 1 CPU each starve the read step forever on 2 cores).
+cluster's CPUs (docs/formats.md, "Environment notes": 2 actors with 1 CPU each starve the read step forever on 2 cores).
 
 Cluster: `ray_address` (or RAY_ADDRESS) joins an existing cluster; otherwise `ray.init()` starts an
 embedded local Ray and shuts it down at the end. Workers write the shards themselves, so on a cluster
