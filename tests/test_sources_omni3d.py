@@ -167,3 +167,33 @@ def test_truncated_or_wrong_json_raises_naming_the_file(sample_world, tmp_path):
         list(read_omni3d([p], sample_world.root))
     with pytest.raises(SourceError, match="cannot read"):
         list(read_omni3d([tmp_path / "absent.json"], sample_world.root))
+
+
+@pytest.mark.parametrize("value", [
+    [1.0, 2.0, 3.0], [1, 2, 3], [1.0, 2, 3.5], [1.0, 2.0], [1.0, 2.0, 3.0, 4.0], [1.0, float("nan"), 3.0],
+    [1.0, float("inf"), 3.0], [True, 2.0, 3.0], ["1", 2.0, 3.0], [1.0, None, 3.0], [2**60, 1.0, 1.0],
+    [10**400, 1.0, 1.0], (1.0, 2.0, 3.0), [[1.0], [2.0], [3.0]], None, "abc", [np.float64(1.0), 2.0, 3.0],
+])
+def test_malformed_fast_path_never_changes_the_verdict(value):
+    """The listing's pure-Python shape check answers "fine" only where numpy would too; else numpy decides."""
+    from pipelines.sources.omni3d import _malformed, _plainly_shaped
+
+    def numpy_verdict(v: object) -> bool:  # the check as it was before the fast path (OverflowError escapes)
+        try:
+            a = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError):
+            return False
+        return a.shape == (3,) and bool(np.all(np.isfinite(a)))
+
+    ann = {"bbox3D_cam": [[0.0, 0.0, 1.0]] * 8, "center_cam": [0.0, 0.0, 2.0], "dimensions": value,
+           "R_cam": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], "category_name": "chair"}
+    try:
+        expected = None if numpy_verdict(value) else "dimensions"
+    except OverflowError:  # a 400-digit int: numpy raises, and so does the reader, as before
+        assert not _plainly_shaped(value, (3,))
+        with pytest.raises(OverflowError):
+            _malformed(ann)
+        return
+    if _plainly_shaped(value, (3,)):
+        assert expected is None
+    assert _malformed(ann) == expected

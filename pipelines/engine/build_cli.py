@@ -97,7 +97,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", type=Path, required=True,
                    help="build directory (on a cluster: a path every node sees)")
     g.add_argument("--executor", choices=("ray", "beam", "local"), default="ray",
-                   help="ray (default): Ray Data, embedded local Ray unless --ray-address/RAY_ADDRESS; "
+                   help="ray (default): Ray tasks per chunk (Ray Data when a stage needs a model actor pool), "
+                        "embedded local Ray unless --ray-address/RAY_ADDRESS; "
                         "beam: Apache Beam (in-process FnApiRunner unless --beam-options sets a runner); "
                         "local: plain single-process loop")
     g.add_argument("--workers", type=int, default=None,

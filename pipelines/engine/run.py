@@ -5,8 +5,8 @@
 `shards.manifest.finalize` and writes `run.json` (timings, executor, which chunks this run processed).
 
 - `local`: the plain in-process loop (the reference, and the benchmark baseline).
-- `ray` (default): Ray Data streaming over chunks; embedded local Ray, or a cluster via
-  `ray_address` / RAY_ADDRESS.
+- `ray` (default): plain Ray tasks per chunk (Ray Data when a stage needs an actor pool); embedded local
+  Ray, or a cluster via `ray_address` / RAY_ADDRESS.
 - `beam`: Apache Beam; in-process FnApiRunner locally, any portable runner through `beam_options`.
 
 All three run `pipelines.engine.chunk` on each chunk, so their shards are byte-identical. This module

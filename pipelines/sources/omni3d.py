@@ -9,6 +9,7 @@ count why. Several files are read as one dataset, as `cubercnn.data.Omni3D` conc
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -44,10 +45,33 @@ __all__ = ["IgnoreRules", "EVAL_RULES", "TRAIN_RULES", "NO_RULES", "box4", "igno
 _FILE_RE = re.compile(r"^(?P<dataset>.+)_(?P<split>train|val|test)\.json$")
 
 
+_SHAPES = {"bbox3D_cam": (8, 3), "center_cam": (3,), "dimensions": (3,), "R_cam": (3, 3)}
+_EXACT_INT = 2**53  # ints below this convert to float64 exactly (and finitely)
+
+
+def _plain_number(a: object) -> bool:
+    t = type(a)
+    return (t is float and math.isfinite(a)) or (t is int and -_EXACT_INT < a < _EXACT_INT)  # type: ignore[operator]
+
+
+def _plainly_shaped(x: object, shape: tuple[int, ...]) -> bool:
+    """True when `x` is certainly a finite float array of `shape`: nested lists of finite floats / small ints.
+
+    The fast path of `_malformed` (the driver lists every annotation; numpy per field cost ~40 % of the
+    listing, bench/executors.md). False means "not sure": numpy then decides, so verdicts never change.
+    """
+    if type(x) is not list or len(x) != shape[0]:
+        return False
+    if len(shape) == 1:
+        return all(_plain_number(a) for a in x)
+    return all(type(r) is list and len(r) == shape[1] and all(_plain_number(a) for a in r) for r in x)
+
+
 def _malformed(ann: dict[str, Any]) -> str | None:
     """Name of the first geometric field that cannot be used, or None."""
-    shapes = {"bbox3D_cam": (8, 3), "center_cam": (3,), "dimensions": (3,), "R_cam": (3, 3)}
-    for name, shape in shapes.items():
+    for name, shape in _SHAPES.items():
+        if _plainly_shaped(ann.get(name), shape):
+            continue
         try:
             a = np.asarray(ann.get(name), dtype=np.float64)
         except (TypeError, ValueError):

@@ -1,6 +1,15 @@
-"""Ray executor (the default): Ray Data streaming over chunks, one row per chunk.
+"""Ray executor (the default): plain Ray tasks per chunk, or Ray Data when a stage needs an actor pool.
 
-Dataset shape: `from_items([{index, state}])` with one block per chunk, then one operator per
+CPU-only stage lists (det3d, pointmaps, most builds) run as one plain Ray task per chunk
+(`_chunk_task`): the task gets the plan's encoded chunk, runs every stage and writes the shard; the
+driver keeps a bounded window of tasks submitted (`_run_tasks`), so the raylet always has the next
+chunk queued when a worker frees up. A chunk is one row, so Ray Data's block machinery (a pyarrow table
+per chunk, operator scheduling, the chunk state pickled into a column) only cost time there
+(bench/executors.md, "Where the time went"). Each worker process keeps the stages it unpickled for the
+run (keyed by a run token), so a stage's `setup()` runs once per worker process, not once per chunk.
+Image bytes never pass through the object store: the workers read the images from storage.
+
+Stage lists with a model stage (Ray Data): `from_items([{index, state}])` with one block per chunk, then one operator per
 *segment* of the stage list:
 - consecutive CPU stages are fused into one `map_batches` of plain Ray tasks (a task runs every stage of
   the segment on its chunk; stage setup is per task, so CPU stages must set up cheaply);
@@ -38,7 +47,12 @@ from pipelines.engine.progress import Progress
 from pipelines.engine.run import BuildError
 from pipelines.engine.stage import Stage
 
-TASK_OVERSUBSCRIPTION = int(os.environ.get("GR3D_RAY_TASK_OVERSUB", "2"))
+# Ray Data path only: tasks in flight per worker slot, each asking 1/this of the slot's CPU, so one
+# computes while another waits on Ray Data's scheduling round trip between chunks (~0.1-0.3 s).
+TASKS_PER_SLOT = 2
+# Plain-task path: chunks submitted ahead per running task (queued in the raylet, started the moment a
+# worker frees up; only the encoded chunk, ~1 KiB per input, waits in the object store).
+QUEUED_PER_SLOT = 2
 
 
 @ray.remote(num_cpus=0)
@@ -124,6 +138,77 @@ class _ActorSegment(_SegmentFn):
         return super().__call__(table)
 
 
+# ------------------------------------------------------------------------------- plain-task path
+
+_WORKER_STAGES: dict[str, list[Stage]] = {}  # run token -> this worker process's stages (latest run only)
+
+
+def _worker_stages(token: str, stages_ref: list[Any]) -> list[Stage]:
+    """The run's stages in this worker process: unpickled (and later set up) once per process and run."""
+    stages = _WORKER_STAGES.get(token)
+    if stages is None:
+        _WORKER_STAGES.clear()  # a long-lived worker serves one build's stages at a time
+        stages = pickle.loads(ray.get(stages_ref[0]))
+        _WORKER_STAGES[token] = stages
+    return stages
+
+
+@ray.remote(max_retries=3)
+def _chunk_task(token: str, stages_ref: list[Any], build_dir: str, chunk_blob: bytes, progress_actor: Any) -> int:
+    """One chunk's whole life in one worker: decode, every stage, write the shard. Returns the index.
+
+    `stages_ref` is a one-element list so Ray does not resolve the reference per task: the stages are
+    fetched only by a worker process that does not hold them yet. A worker killed mid-chunk is retried
+    (max_retries) from scratch: the writer's stats marker is written last, so a torn shard is redone.
+    """
+    stages = _worker_stages(token, stages_ref)
+    state = load_state(chunk_blob)
+    report = _reporter(progress_actor)
+    for s in stages:
+        run_stage(s, state, build_dir, report)
+    write_chunk(state, build_dir)
+    if progress_actor is not None:
+        progress_actor.shard_done.remote()
+    return state.index
+
+
+def _run_tasks(stages: Sequence[Stage], plan: BuildPlan, todo: list[int], cpus: float, workers: int | None,
+               pactor: Any) -> list[int]:
+    """Submit one `_chunk_task` per to-do chunk, at most `window` at a time; returns the indices written.
+
+    Each task asks the stages' declared CPUs (capped at the cluster's), so Ray runs as many at once as
+    the CPUs allow. With an explicit `workers`, at most `workers` tasks are in flight (a hard cap);
+    otherwise QUEUED_PER_SLOT per slot, so a freed worker never waits for the driver.
+    """
+    import uuid
+
+    num_cpus = min(max(s.resources.cpus for s in stages), cpus)
+    slots = max(1, int(cpus // num_cpus)) if num_cpus > 0 else max(1, int(cpus))
+    window = workers if workers else QUEUED_PER_SLOT * slots
+    token = uuid.uuid4().hex
+    stages_ref = [ray.put(pickle.dumps(list(stages), protocol=5))]
+    task = _chunk_task.options(num_cpus=num_cpus)
+    build_dir = str(plan.build_dir)
+    pending: list[Any] = []
+    written: list[int] = []
+    queue = iter(todo)
+    try:
+        while True:
+            for i in queue:
+                pending.append(task.remote(token, stages_ref, build_dir,
+                                           pickle.dumps(plan.chunks[i], protocol=5), pactor))
+                if len(pending) >= window:
+                    break
+            if not pending:
+                return written
+            ready, pending = ray.wait(pending, num_returns=1)
+            written.extend(ray.get(ready))  # a failed chunk raises here (RayTaskError with its cause)
+    except BaseException:
+        for ref in pending:  # stop the rest of the build's tasks; their chunks stay to do (resume)
+            ray.cancel(ref, force=False)
+        raise
+
+
 def _init_ray(ray_address: str | None) -> bool:
     """Connect to Ray; returns True when this call started it (and so must shut it down)."""
     if ray.is_initialized():
@@ -168,7 +253,7 @@ def resource_plan(stages: Sequence[Stage], n_chunks: int, cpus: float, gpus: flo
     free = max(cpus - actor_cpus_total, 0.01)
     # Two tasks in flight per worker slot, each asking half the CPU: while one waits on Ray's scheduling
     # round trip between chunks (~0.1-0.3 s, more under load), the other computes.
-    task_conc = max(1, min(TASK_OVERSUBSCRIPTION * (workers or max(1, int(cpus))), n_chunks))
+    task_conc = max(1, min(TASKS_PER_SLOT * (workers or max(1, int(cpus))), n_chunks))
     out = []
     it = iter(plans)
     for seg in segs:
@@ -183,47 +268,19 @@ def resource_plan(stages: Sequence[Stage], n_chunks: int, cpus: float, gpus: flo
 
 def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | None = None, workers: int | None = None,
             ray_address: str | None = None, num_gpus: float | None = None, **_ignored: Any) -> list[int]:
-    """Run the plan's to-do chunks on Ray Data; returns the indices written by this run."""
+    """Run the plan's to-do chunks on Ray; returns the indices written by this run.
+
+    Plain tasks when no stage needs an actor pool (`_run_tasks`), else the Ray Data pipeline.
+    """
     started = _init_ray(ray_address)
     stop = threading.Event()
     poller = None
     try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # ours are per stage in rows; Ray's would count chunks
-        from ray.util.debug import log_once
-
-        log_once("ray_data_progress_manager_disabled")  # consume Ray's one-time "progress bars disabled" warning
-        ctx.print_on_execution_start = False
         res = ray.cluster_resources()
+        cpus = float(res.get("CPU", 1.0))
         todo = list(plan.todo)
-        rplan = resource_plan(stages, len(todo), float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0)),
-                              workers, num_gpus)
+        rplan = resource_plan(stages, len(todo), cpus, float(res.get("GPU", 0.0)), workers, num_gpus)
         pactor = _ProgressActor.remote() if progress is not None and progress.enabled else None
-
-        # One row and one block per chunk: each chunk is an independent unit of scheduling. A row carries
-        # the plan's Chunk (encoded items); the first worker decodes it (`load_state`).
-        ds = ray.data.from_items(
-            [{"index": i, "state": pickle.dumps(plan.chunks[i], protocol=5), "done": ""} for i in todo],
-            override_num_blocks=len(todo))
-        build_dir = str(plan.build_dir)
-        last = len(rplan) - 1
-        for k, rp in enumerate(rplan):
-            seg: Segment = rp["segment"]
-            write = k == last and not seg.actors
-            if seg.actors:
-                ds = ds.map_batches(_ActorSegment, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
-                                    compute=ray.data.ActorPoolStrategy(size=rp["size"]),
-                                    fn_constructor_kwargs={"stages": seg.stages, "build_dir": build_dir,
-                                                           "write": write, "progress_actor": pactor},
-                                    num_cpus=rp["num_cpus"], num_gpus=rp["num_gpus"] or None)
-            else:
-                ds = ds.map_batches(_SegmentFn(seg.stages, build_dir, write, pactor), batch_size=1,
-                                    batch_format="pyarrow", zero_copy_batch=True,
-                                    compute=ray.data.TaskPoolStrategy(size=rp["size"]), num_cpus=rp["num_cpus"])
-        if rplan[last]["segment"].actors:  # the last stage is a model: write the shards in plain tasks
-            ds = ds.map_batches(_SegmentFn([], build_dir, True, pactor), batch_size=1, batch_format="pyarrow",
-                                zero_copy_batch=True, num_cpus=min(rplan[last]["num_cpus"], 0.5))
-
         if pactor is not None and progress is not None:
             def poll() -> None:
                 while not stop.wait(min(progress.interval, 1.0)):
@@ -236,9 +293,10 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
             poller = threading.Thread(target=poll, name="gr3d-progress", daemon=True)
             poller.start()
 
-        written: list[int] = []
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            written.extend(int(i) for i in batch.column("index").to_pylist())
+        if any(rp["segment"].actors for rp in rplan):
+            written = _run_dataset(rplan, plan, todo, pactor)
+        else:
+            written = _run_tasks(stages, plan, todo, cpus, workers, pactor)
         stop.set()
         if poller is not None:
             poller.join()
@@ -250,3 +308,40 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
         stop.set()
         if started:
             ray.shutdown()
+
+
+def _run_dataset(rplan: list[dict[str, Any]], plan: BuildPlan, todo: list[int], pactor: Any) -> list[int]:
+    """The Ray Data pipeline (a model stage on an actor pool): one row and one block per chunk."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours are per stage in rows; Ray's would count chunks
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # consume Ray's one-time "progress bars disabled" warning
+    ctx.print_on_execution_start = False
+    # One row and one block per chunk: each chunk is an independent unit of scheduling. A row carries
+    # the plan's Chunk (encoded items); the first worker decodes it (`load_state`).
+    ds = ray.data.from_items(
+        [{"index": i, "state": pickle.dumps(plan.chunks[i], protocol=5), "done": ""} for i in todo],
+        override_num_blocks=len(todo))
+    build_dir = str(plan.build_dir)
+    last = len(rplan) - 1
+    for k, rp in enumerate(rplan):
+        seg: Segment = rp["segment"]
+        write = k == last and not seg.actors
+        if seg.actors:
+            ds = ds.map_batches(_ActorSegment, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
+                                compute=ray.data.ActorPoolStrategy(size=rp["size"]),
+                                fn_constructor_kwargs={"stages": seg.stages, "build_dir": build_dir,
+                                                       "write": write, "progress_actor": pactor},
+                                num_cpus=rp["num_cpus"], num_gpus=rp["num_gpus"] or None)
+        else:
+            ds = ds.map_batches(_SegmentFn(seg.stages, build_dir, write, pactor), batch_size=1,
+                                batch_format="pyarrow", zero_copy_batch=True,
+                                compute=ray.data.TaskPoolStrategy(size=rp["size"]), num_cpus=rp["num_cpus"])
+    if rplan[last]["segment"].actors:  # the last stage is a model: write the shards in plain tasks
+        ds = ds.map_batches(_SegmentFn([], build_dir, True, pactor), batch_size=1, batch_format="pyarrow",
+                            zero_copy_batch=True, num_cpus=min(rplan[last]["num_cpus"], 0.5))
+    written: list[int] = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        written.extend(int(i) for i in batch.column("index").to_pylist())
+    return written

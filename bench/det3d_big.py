@@ -1,0 +1,127 @@
+"""det3d end to end on a large Omni3D input, baseline code against candidate code, interleaved.
+
+Each run is the real CLI in a fresh process (`python -m pipelines.cli build det3d ...`), so start-up
+(imports, Ray start, Beam workers) is included, as a user sees it. `--trees NAME=DIR,...` names code
+trees (a checkout of the baseline commit, e.g. `git archive BASE | tar -x -C DIR`, and this one); each
+run gets `PYTHONPATH=DIR`. Per run: wall seconds, CPU seconds of the whole process tree (children
+rusage: the driver plus every process it started and reaped, i.e. Ray's raylet, GCS and workers, Beam's
+SDK workers), peak driver RSS. Outputs are compared byte for byte with the first tree's local run.
+Prints medians over `--repeat` interleaved repetitions, ratios to the first tree's local run, and the
+load average before every run.
+
+Run: `.venv/bin/python -m bench.det3d_big --omni3d FILE --data-root DIR --trees base=/tmp/base,cand=.`
+(make FILE with `bench.omni3d_big`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _compared(build_dir: Path) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for p in sorted((build_dir / "shards").iterdir()):
+        data = p.read_bytes()
+        if p.name.endswith(".stats.json"):
+            d = json.loads(data)
+            d.pop("timing", None)
+            data = json.dumps(d, sort_keys=True).encode()
+        out[p.name] = data
+    out["manifest.json"] = (build_dir / "manifest.json").read_bytes()
+    out["plan.json"] = (build_dir / "plan.json").read_bytes()
+    return out
+
+
+def run_once(tree: str, args: list[str]) -> tuple[float, float, float, str]:
+    """(wall s, tree CPU s, driver peak RSS MiB, stdout) of one CLI run with PYTHONPATH=tree."""
+    env = {**os.environ, "PYTHONPATH": tree, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    wrapper = ("import resource, runpy, sys; sys.argv = ['gr3d'] + sys.argv[1:]\n"
+               "try:\n    runpy.run_module('pipelines.cli', run_name='__main__')\n"
+               "finally:\n    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", wrapper, *args], env=env, capture_output=True, text=True, cwd=tree)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != 0:
+        raise RuntimeError(f"{tree} {args}: rc {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    rss = next((int(line.split()[1]) / 1024 for line in p.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), 0.0)
+    return wall, cpu, rss, p.stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--omni3d", required=True)
+    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--trees", required=True, help="NAME=DIR,NAME=DIR (the first is the baseline)")
+    ap.add_argument("--executors", default="local,ray,beam")
+    ap.add_argument("--dry-run-too", action="store_true", help="also time `--dry-run` (listing + plan)")
+    ap.add_argument("--chunk-size", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args(argv)
+    trees = [(t.split("=", 1)[0], str(Path(t.split("=", 1)[1]).resolve())) for t in a.trees.split(",")]
+    execs = a.executors.split(",") + (["dry-run"] if a.dry_run_too else [])
+    tmp = Path(tempfile.mkdtemp(prefix="gr3d-bench-big-"))
+    rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    same: dict[tuple[str, str], bool] = {}
+    ref: dict[str, bytes] | None = None
+    n = None
+    try:
+        for rep in range(a.repeat):
+            for ex in execs:
+                for name, tree in trees:
+                    out = tmp / f"{name}-{ex}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    cli = ["build", "det3d", "--omni3d", a.omni3d, "--data-root", a.data_root, "--out", str(out),
+                           "--chunk-size", str(a.chunk_size), "--quiet"]
+                    if ex == "dry-run":
+                        cli += ["--dry-run"]
+                    else:
+                        cli += ["--executor", ex] + (["--workers", str(a.workers)] if ex != "local" else [])
+                    load = os.getloadavg()[0]
+                    wall, cpu, rss, stdout = run_once(tree, cli)
+                    rows.setdefault((name, ex), []).append((wall, cpu, rss))
+                    if ex != "dry-run":
+                        got = _compared(out)
+                        if ref is None:
+                            ref = got
+                            n = json.loads((out / "manifest.json").read_text())["totals"]["n_input"]
+                        same[(name, ex)] = same.get((name, ex), True) and got == ref
+                        shutil.rmtree(out, ignore_errors=True)
+                    print(f"rep {rep} {name:6s} {ex:8s} {wall:7.2f} s wall {cpu:7.2f} s CPU  peak RSS {rss:6.0f} MiB"
+                          f"  load before {load:.2f}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    base_local = statistics.median(w for w, _, _ in rows[(trees[0][0], "local")]) if (trees[0][0], "local") in rows else None
+    print(f"\ninputs {n}  chunk {a.chunk_size}  workers {a.workers}  cpus {os.cpu_count()}  "
+          f"loadavg now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| tree | executor | median wall s | vs baseline local | samples/s | median CPU s | samples per CPU-s "
+          "| peak driver RSS MiB | output |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (name, ex), rs in rows.items():
+        w = statistics.median(r[0] for r in rs)
+        c = statistics.median(r[1] for r in rs)
+        m = statistics.median(r[2] for r in rs)
+        ratio = f"{base_local / w:.2f}x" if base_local and ex != "dry-run" else "-"
+        rate = f"{n / w:.0f}" if n else "-"
+        cr = f"{n / c:.0f}" if n else "-"
+        o = "-" if ex == "dry-run" else ("identical" if same.get((name, ex)) else "DIFFERENT")
+        print(f"| {name} | {ex} | {w:.2f} | {ratio} | {rate} | {c:.2f} | {cr} | {m:.0f} | {o} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

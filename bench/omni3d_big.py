@@ -1,0 +1,61 @@
+"""A large Omni3D-format input for driver and executor benches: the sample world's Omni3D file replicated.
+
+`replicate(world_dir, n_images, dest)` writes `dest/BigWorld_train.json` with `n_images` images: the sample
+world's Omni3D train images (and their annotations) copied under distinct ids, annotation ids and file
+paths (`rNNN/<original path>`), each path a hard link to the original image, so the build reads real files
+and every input is distinct. `dest` is the data root of the result.
+
+Run: `.venv/bin/python -m bench.omni3d_big --world DIR --n 12600 --dest DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def replicate(world_dir: str | Path, n_images: int, dest: str | Path) -> Path:
+    """Write the replicated Omni3D file (and hard links); returns its path. Deterministic in its arguments."""
+    world_dir, dest = Path(world_dir), Path(dest)
+    src = json.loads((world_dir / "Omni3D" / "SampleWorld_train.json").read_text())
+    anns_by_image: dict[int, list[dict]] = {}
+    for a in src["annotations"]:
+        anns_by_image.setdefault(a["image_id"], []).append(a)
+    base = src["images"]
+    images, annotations = [], []
+    for k in range(n_images):
+        r, img = divmod(k, len(base))
+        img = base[img]
+        rel = f"r{r:03d}/{img['file_path']}"
+        link = dest / rel
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.link(world_dir / img["file_path"], link)
+        iid = r * 1_000_000 + img["id"]
+        images.append({**img, "id": iid, "file_path": rel})
+        for a in anns_by_image.get(img["id"], []):
+            annotations.append({**a, "id": r * 10_000_000 + a["id"], "image_id": iid})
+    out = dest / "BigWorld_train.json"
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"info": src["info"], "images": images, "categories": src["categories"],
+                               "annotations": annotations}))
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=Path, required=True)
+    ap.add_argument("--n", type=int, default=12600)
+    ap.add_argument("--dest", type=Path, required=True)
+    a = ap.parse_args(argv)
+    p = replicate(a.world, a.n, a.dest)
+    print(f"{p} ({p.stat().st_size / 1e6:.1f} MB, {a.n} images)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
