@@ -3,9 +3,9 @@
 Each run is the real CLI in a fresh process (`python -m pipelines.cli build det3d ...`), so start-up
 (imports, Ray start, Beam workers) is included, as a user sees it. `--trees NAME=DIR,...` names code
 trees (a checkout of the baseline commit, e.g. `git archive BASE | tar -x -C DIR`, and this one); each
-run gets `PYTHONPATH=DIR`. Per run: wall seconds, CPU seconds of the whole process tree (children
-rusage: the driver plus every process it started and reaped, i.e. Ray's raylet, GCS and workers, Beam's
-SDK workers), peak driver RSS. Outputs are compared byte for byte with the first tree's local run.
+run gets `PYTHONPATH=DIR`. Per run: wall seconds, CPU seconds of the whole process tree (the driver's
+rusage plus every descendant's CPU as last polled every 0.25 s: Ray's raylet, GCS and workers, Beam's SDK
+workers; a descendant's last < 0.25 s is missed, so Ray and Beam are slightly flattered), peak driver RSS. Outputs are compared byte for byte with the first tree's local run.
 Prints medians over `--repeat` interleaved repetitions, ratios to the first tree's local run, and the
 load average before every run.
 
@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,14 +50,40 @@ def run_once(tree: str, args: list[str]) -> tuple[float, float, float, str]:
     wrapper = ("import resource, runpy, sys; sys.argv = ['gr3d'] + sys.argv[1:]\n"
                "try:\n    runpy.run_module('pipelines.cli', run_name='__main__')\n"
                "finally:\n    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    import psutil
+
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", wrapper, *args], env=env, capture_output=True, text=True, cwd=tree)
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tree)
+    seen: dict[int, float] = {}  # pid -> last CPU seconds seen (Ray's daemons and workers are not reaped here)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.25):
+            try:
+                kids = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.Error:
+                continue
+            for k in kids:
+                try:
+                    t = k.cpu_times()
+                    seen[k.pid] = t.user + t.system + t.children_user + t.children_system
+                except psutil.Error:
+                    pass
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    stdout, stderr = proc.communicate()
+    stop.set()
+    th.join()
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if p.returncode != 0:
-        raise RuntimeError(f"{tree} {args}: rc {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tree} {args}: rc {proc.returncode}\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    # the driver (reaped: rusage) + its descendants as last polled (they may exit un-reaped by us)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime) + sum(seen.values())
+    p = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
     rss = next((int(line.split()[1]) / 1024 for line in p.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), 0.0)
     return wall, cpu, rss, p.stdout
 

@@ -130,10 +130,11 @@ class RayCluster:
     worker: Node
     base: Path
     env: dict[str, str] = field(default_factory=cluster_env)
+    more: list[Node] = field(default_factory=list)  # worker nodes past the second (bench/scaling.py)
 
     @property
     def nodes(self) -> list[Node]:
-        return [self.head, self.worker]
+        return [self.head, self.worker, *self.more]
 
     def node_of_pid(self, pid: int) -> str | None:
         """Which node ran the Ray worker process `pid` ("head" | "worker"), from the node's worker logs.
@@ -246,8 +247,10 @@ def _wait(cond: str, check: Callable[[], bool], nodes: list[Node], timeout: floa
 
 
 @contextmanager
-def ray_cluster(num_cpus: int = 1, timeout: float = 90.0) -> Iterator[RayCluster]:
-    """Start a head and a worker node (`num_cpus` each), wait for both alive, yield, tear both down.
+def ray_cluster(num_cpus: int = 1, timeout: float = 90.0, n_nodes: int = 2) -> Iterator[RayCluster]:
+    """Start a head and `n_nodes - 1` worker nodes (`num_cpus` each), wait for all alive, yield, tear all down.
+
+    `n_nodes=1` is a head alone (`cluster.worker` is the head then).
 
     The temp dirs sit directly under /tmp (short paths: Ray's Unix socket paths must fit in 107 bytes).
     """
@@ -263,10 +266,14 @@ def ray_cluster(num_cpus: int = 1, timeout: float = 90.0) -> Iterator[RayCluster
         nodes.append(head)
         cluster = RayCluster(address, head, head, base, env)
         _wait("head node alive", lambda: cluster.alive_nodes() >= 1, nodes, timeout)
-        worker = _start_node("worker", base, ["--address", address, *common], env)
-        nodes.append(worker)
-        cluster.worker = worker
-        _wait("2 nodes alive", lambda: cluster.alive_nodes() == 2, nodes, timeout)
+        for k in range(1, n_nodes):
+            worker = _start_node("worker" if k == 1 else f"worker{k}", base, ["--address", address, *common], env)
+            nodes.append(worker)
+            if k == 1:
+                cluster.worker = worker
+            else:
+                cluster.more.append(worker)
+        _wait(f"{n_nodes} nodes alive", lambda: cluster.alive_nodes() == n_nodes, nodes, timeout)
         yield cluster
     except BaseException:
         _teardown(nodes, base)
