@@ -1,6 +1,7 @@
 """Beam executor: the same stages as DoFns, one element per chunk.
 
-Pipeline: `Create([(index, state)])` -> `Reshuffle` (spreads chunks over workers) -> one `ParDo` per
+Pipeline: `Create([(index, state)])` (Create already ends in a Reshuffle that spreads the chunks over the
+workers; a second, explicit one only copied every chunk through the runner once more) -> one `ParDo` per
 segment (runs of CPU stages fused into one DoFn; each model stage its own DoFn, with `setup()` in
 `DoFn.setup`, so a model loads once per DoFn instance) -> the last DoFn writes shard i with the
 shared chunk runner. Shards are written by the workers, so the output bytes equal the other executors'.
@@ -108,9 +109,7 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
     token = progress_token if in_process else None
 
     p = beam.Pipeline(runner=FnApiRunner(), options=opts) if local else beam.Pipeline(options=opts)
-    pcoll = (p
-             | "chunks" >> beam.Create([(i, pickle.dumps(plan.chunks[i], protocol=5)) for i in todo])
-             | "spread" >> beam.Reshuffle())
+    pcoll = p | "chunks" >> beam.Create([(i, pickle.dumps(plan.chunks[i], protocol=5)) for i in todo])
     segs = segments(stages)
     for k, seg in enumerate(segs):
         write = k == len(segs) - 1
