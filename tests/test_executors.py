@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.engine.chunk import run_chunk
-from pipelines.engine.plan import make_plan, prepare_build_dir
+from pipelines.engine.plan import Builder, make_plan, prepare_build_dir
 from pipelines.engine.run import run_build
-from pipelines.engine.stage import Resources, StageSetupError
+from pipelines.engine.stage import Item, Reject, Resources, Stage, StageSetupError
 from shards.layout import is_done, stats_path
 from tests.test_executors_toy import ToyModel, compared_files, toy_builder
 
@@ -58,6 +58,40 @@ def test_ray_beam_local_and_plain_loop_write_identical_bytes(tmp_path: Path, ray
         assert not diff, f"{name} differs from the plain loop in {diff}"
     run = json.loads((tmp_path / "ray" / "run.json").read_text())
     assert run["executor"] == "ray" and run["chunks_processed"] == [0, 1, 2, 3]
+
+
+class _CountSetups(Stage):
+    """Passes items through; each setup() leaves a file named after its process (and a unique tail)."""
+
+    batch_size = 64
+
+    def __init__(self, marker_dir: str):
+        self.marker_dir = marker_dir
+
+    def setup(self) -> None:
+        import uuid
+
+        Path(self.marker_dir, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
+
+    def process(self, batch: list[Item]) -> tuple[list[Item], list[Reject]]:
+        return [dict(it) for it in batch], []
+
+
+@pytest.mark.ray
+def test_ray_cpu_only_build_sets_stages_up_once_per_worker_process(tmp_path: Path, ray_session) -> None:
+    """Plain Ray tasks per chunk: a worker keeps the run's set-up stages, so setup() is per process, not per
+    chunk (under Ray Data every chunk's task unpickled and set up the stages again)."""
+    from tests.test_executors_toy import Finalize, Render, _Score, toy_inputs
+
+    markers = tmp_path / "setups"
+    markers.mkdir()
+    b = Builder("toy", {"n": 48, "fail_mod": 7, "cost_ms": 0.0, "with_model": False}, toy_inputs,
+                [Render(fail_mod=7), _CountSetups(str(markers)), _Score(), Finalize()])
+    _run(b, tmp_path / "ray", "ray", chunk_size=6, workers=2)  # 8 chunks
+    pids = [p.name.split("-")[0] for p in markers.iterdir()]
+    assert len(pids) == len(set(pids)) < 8, pids
+    _run(b, tmp_path / "local", "local", chunk_size=6)
+    assert compared_files(tmp_path / "ray") == compared_files(tmp_path / "local")
 
 
 @pytest.mark.ray
