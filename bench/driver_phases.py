@@ -1,0 +1,52 @@
+"""Driver CPU per input of a det3d listing and plan, phase by phase (the figures in bench/executors.md).
+
+Phases, each timed alone with `time.process_time` on the same Omni3D file: `json.load`; the Omni3D
+reader (which includes its own `json.load`: subtract the first line); det3d's trimming (`_omni3d_item`);
+encoding (`pipelines.plan.encode_inputs`: pickle + zlib, sort); chunking with the plan.json digests. Run it
+with `PYTHONPATH` pointing at each code tree to compare them, interleaved.
+
+Run: `PYTHONPATH=. .venv/bin/python -m bench.driver_phases FILE DATA_ROOT` (FILE from `bench.omni3d_big`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.det3d import _omni3d_item, omni3d_rules
+    from pipelines.plan import _encoded_chunks, encode_inputs
+    from pipelines.sources.omni3d import load_omni3d_json, read_omni3d
+
+    f, root = (argv or sys.argv[1:])[:2]
+    t = time.process_time
+    c = t()
+    n = len(load_omni3d_json(f)["images"])
+    t_json = t() - c
+    c = t()
+    raw = list(read_omni3d([f], root, omni3d_rules("train"), check_files=False))
+    t_read = t() - c
+    c = t()
+    items = [_omni3d_item(r) for r in raw]
+    t_lean = t() - c
+    c = t()
+    enc = encode_inputs(items)
+    t_enc = t() - c
+    c = t()
+    _encoded_chunks(enc.pairs, 200)
+    t_dig = t() - c
+    c = t()
+    for it in items:
+        json.dumps(it, sort_keys=True, separators=(",", ":"), default=str)
+    t_js = t() - c
+    ms = {k: 1e3 * v / n for k, v in dict(json=t_json, reader_incl_json=t_read, trim=t_lean, encode=t_enc,
+                                           chunks_and_digests=t_dig, canonical_json_alone=t_js).items()}
+    print(f"n={n} CPU ms per input: " + " ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+    print(f"blob bytes per input {sum(len(b) for _, b in enc.pairs) / n:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
