@@ -2,7 +2,7 @@
 
 Phases, each timed alone with `time.process_time` on the same Omni3D file: `json.load`; the Omni3D
 reader (which includes its own `json.load`: subtract the first line); det3d's trimming (`_omni3d_item`);
-encoding (`pipelines.plan.encode_inputs`: pickle + zlib, sort); chunking with the plan.json digests. Run it
+encoding (`pipelines.engine.plan.encode_inputs`: pickle + zlib, sort); chunking with the plan.json digests. Run it
 with `PYTHONPATH` pointing at each code tree to compare them, interleaved.
 
 Run: `PYTHONPATH=. .venv/bin/python -m bench.driver_phases FILE DATA_ROOT` (FILE from `bench.omni3d_big`).
@@ -16,8 +16,12 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.det3d import _omni3d_item, omni3d_rules
-    from pipelines.plan import _encoded_chunks, encode_inputs
+    try:
+        from pipelines.corpora.det3d.builder import _omni3d_item, omni3d_rules
+        from pipelines.engine.plan import _encoded_chunks, encode_inputs
+    except ImportError:  # a code tree from before the package restructure (a baseline)
+        from pipelines.det3d import _omni3d_item, omni3d_rules  # type: ignore[no-redef]
+        from pipelines.plan import _encoded_chunks, encode_inputs  # type: ignore[no-redef]
     from pipelines.sources.omni3d import load_omni3d_json, read_omni3d
 
     f, root = (argv or sys.argv[1:])[:2]
