@@ -1,0 +1,124 @@
+"""Builds load in Hugging Face `datasets` (the real package) whatever their contents.
+
+The failure this guards against: `load_dataset("webdataset", ...)` infers column types from the first
+five samples, so a field null there and set later (`camera`, `object_id`) fails to cast, and
+`points.npy` (N, 5) comes back as a list of lists. Every finalized build writes `features.json` and a
+dataset card (shards/hf_card.py) computed over all its samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+datasets = pytest.importorskip("datasets")
+
+from shards.hf_card import build_features, features_to_dict, features_to_yaml  # noqa: E402
+from shards.layout import (  # noqa: E402
+    CARD_FILE,
+    FEATURES_FILE,
+    tar_path,  # noqa: E402
+)
+from shards.manifest import finalize  # noqa: E402
+from shards.writer import ShardWriter  # noqa: E402
+from tests.test_shards_samples import FX, K, make_sample  # noqa: E402
+
+
+def _late_fields_build(root: Path) -> Path:
+    """cot samples whose camera / object_id are null in the first six and set after; point maps of 7 points."""
+    build = root / "late"
+    samples = []
+    for i in range(10):
+        s = make_sample("cot", f"world/c{i:04d}", seed=i)
+        if i >= 6:
+            s.record["camera"] = {"K": copy.deepcopy(K), "scale": 1000.0 / FX}
+            s.record["mentions"][1]["object_id"] = f"obj{i}"
+        else:
+            for m in s.record["mentions"]:
+                m["object_id"] = None
+        samples.append(s)
+    for i in range(4):
+        s = make_sample("pointmap", f"world/p{i:04d}", seed=3)  # seed 3: 5 + 3 % 4 = 8 points each
+        samples.append(s)
+    for shard, part in enumerate((samples[:7], samples[7:])):
+        with ShardWriter(build, shard) as w:
+            for s in part:
+                w.add(s)
+            w.close()
+    finalize(build, {"builder": "test"}, "gr3d test")
+    return build
+
+
+@pytest.fixture(scope="module")
+def late(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _late_fields_build(tmp_path_factory.mktemp("hf"))
+
+
+def _load(**kw: Any) -> Any:
+    return datasets.load_dataset(split="train", **kw)
+
+
+def test_inference_alone_breaks_on_late_fields(late: Path, tmp_path: Path) -> None:
+    """The bug: without the build's features, inference from the first samples fails (or loses types)."""
+    files = [str(tar_path(late, 0)), str(tar_path(late, 1))]
+    with pytest.raises(Exception) as ei:  # noqa: B017 - datasets wraps the cast error in its own
+        _load(path="webdataset", data_files=files, cache_dir=str(tmp_path / "c"))
+    chain, e = [], ei.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("cast" in m.lower() for m in chain), chain
+
+
+def test_build_dir_loads_with_its_card(late: Path, tmp_path: Path) -> None:
+    ds = _load(path=str(late), cache_dir=str(tmp_path / "c"))
+    assert len(ds) == 14
+    by_key = {r["__key__"]: r for r in ds}
+    assert by_key["world/c0000"]["json"]["camera"] is None
+    assert by_key["world/c0007"]["json"]["camera"]["K"] == K
+    assert by_key["world/c0008"]["json"]["mentions"][1]["object_id"] == "obj8"
+    assert by_key["world/c0001"]["json"]["mentions"][0]["object_id"] is None
+    # the point maps keep their (N, 5) shape and float32 values
+    feat = ds.features["points.npy"]
+    assert isinstance(feat, datasets.Array2D) and feat.shape == (None, 5) and feat.dtype == "float32"
+    arr = ds.with_format("numpy")[[i for i, r in enumerate(ds) if r["__key__"] == "world/p0002"][0]]["points.npy"]
+    want = make_sample("pointmap", "world/p0002", seed=3).arrays["points"]
+    assert arr.shape == (8, 5) and np.array_equal(arr, want)
+
+
+def test_features_json_with_the_webdataset_loader(late: Path, tmp_path: Path) -> None:
+    feats = datasets.Features.from_dict(json.loads((late / FEATURES_FILE).read_text()))
+    files = [str(tar_path(late, 0)), str(tar_path(late, 1))]
+    ds = _load(path="webdataset", data_files=files, features=feats, cache_dir=str(tmp_path / "c"))
+    assert len(ds) == 14 and ds.features == feats
+    assert isinstance(feats["png"], datasets.Image) and isinstance(feats["jpg"], datasets.Image)
+
+
+def test_our_serializations_are_what_datasets_reads(late: Path) -> None:
+    """features.json (to_dict form) and the card's YAML list describe the same Features."""
+    f = build_features([tar_path(late, 0), tar_path(late, 1)])
+    from_dict = datasets.Features.from_dict(features_to_dict(f))
+    from_yaml = datasets.Features._from_yaml_list(features_to_yaml(f))
+    assert from_dict == from_yaml
+    assert (late / CARD_FILE).read_text().startswith("---\nconfigs:")
+
+
+def test_a_real_pointmap_build_loads(sample_world: Any, tmp_path: Path) -> None:
+    from pipelines.cli import main
+
+    out = tmp_path / "pm"
+    assert main(["build", "pointmap", "--source", "rgbd", "--rgbd", str(sample_world.rgbd_root), "--out", str(out),
+                 "--executor", "local", "--quiet", "--limit", "3"]) == 0
+    from shards.reader import iter_samples
+
+    ds = _load(path=str(out), cache_dir=str(tmp_path / "c")).with_format("numpy")
+    assert len(ds) == 3
+    want = {s["__key__"]: s["points.npy"] for s in iter_samples(out)}
+    for row in ds:
+        got = row["points.npy"]
+        assert got.ndim == 2 and got.shape[1] == 5 and np.array_equal(got, want[row["__key__"]])
