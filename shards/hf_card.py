@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,23 +62,69 @@ def _from_arrow(t: pa.DataType) -> Feature:
     return ("value", _ARROW_DTYPES[t])
 
 
-def _tar_members(tar: Path) -> Iterator[tuple[str, str, tarfile.TarFile, tarfile.TarInfo]]:
-    """(key, extension, archive, member) of every file member, the way webdataset splits names."""
-    with tarfile.open(tar, "r:") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            base = m.name.rpartition("/")[2]
-            dot = base.find(".")
-            if dot < 0:
-                continue
-            key = m.name[: len(m.name) - len(base) + dot]
-            yield key, base[dot + 1:].lower(), tf, m
+def _wanted(ext: str) -> bool:
+    return ext == "json" or ext.endswith("npy")
+
+
+def _tar_members(tar: Path) -> Iterator[tuple[str, str, bytes | None]]:
+    """(key, extension, data) of every file member, the way webdataset splits names; data only for
+    records and arrays (None for images: their pixels are never needed here).
+
+    Walks the 512-byte ustar headers of the mapped file directly (with PAX `path`/`size` records, as our
+    writer may emit them): `tarfile`'s per-member header objects were most of this step's time
+    (bench/hf_card.md). A member type our writer never writes (links, GNU long names) is an error.
+    """
+    import mmap
+
+    with open(tar, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            pos, pax = 0, {}
+            while pos + 512 <= len(mm):
+                h = mm[pos:pos + 512]
+                if h.count(0) == 512:
+                    break
+                size = int(pax["size"]) if "size" in pax else int(h[124:136].rstrip(b"\0 ") or b"0", 8)
+                typ = h[156:157]
+                start, pos = pos + 512, pos + 512 + -(-size // 512) * 512
+                if typ == b"x":  # PAX header of the next member
+                    pax = _pax_records(mm[start:start + size])
+                    continue
+                if typ in (b"g", b"5"):  # global PAX header, directory
+                    pax = {}
+                    continue
+                if typ not in (b"0", b"\0"):
+                    raise ValueError(f"{tar}: tar member type {typ!r} at byte {start - 512} (not written by GR3D)")
+                name = pax.get("path") or _ustar_name(h)
+                pax = {}
+                base = name.rpartition("/")[2]
+                dot = base.find(".")
+                if dot >= 0:
+                    ext = base[dot + 1:].lower()
+                    yield name[: len(name) - len(base) + dot], ext, mm[start:start + size] if _wanted(ext) else None
+
+
+def _ustar_name(h: bytes) -> str:
+    name = h[0:100].split(b"\0", 1)[0].decode("utf-8")
+    prefix = h[345:500].split(b"\0", 1)[0].decode("utf-8") if h[257:262] == b"ustar" else ""
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, i = {}, 0
+    while i < len(data):
+        sp = data.index(b" ", i)
+        n = int(data[i:sp])
+        key, _, value = data[sp + 1:i + n - 1].partition(b"=")
+        out[key.decode("utf-8")] = value.decode("utf-8")
+        i += n
+    return out
 
 
 def _npy_header(fh: io.BufferedIOBase) -> tuple[tuple[int, ...], np.dtype]:
     fmt = np.lib.format
-    version = fmt.read_magic(fh)
+    version = fmt.read_magic(fh)  # fh: a BytesIO of the member
     read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
     shape, _, dtype = read(fh)  # header only, never the data
     return tuple(shape), dtype
@@ -92,15 +137,11 @@ def build_features(tars: Iterable[str | os.PathLike[str]]) -> dict[str, Feature]
     images: set[str] = set()
     for tar in tars:
         recs: list[Any] = []
-        for _, ext, tf, m in _tar_members(Path(tar)):
+        for _, ext, data in _tar_members(Path(tar)):
             if ext == "json":
-                fh = tf.extractfile(m)
-                assert fh is not None
-                recs.append(json.loads(fh.read()))
-            elif ext.endswith(".npy") or ext == "npy":
-                fh = tf.extractfile(m)
-                assert fh is not None
-                npy.setdefault(ext, []).append(_npy_header(fh))
+                recs.append(json.loads(data))  # type: ignore[arg-type]
+            elif _wanted(ext):
+                npy.setdefault(ext, []).append(_npy_header(io.BytesIO(data)))  # type: ignore[arg-type]
             elif ext in _IMAGE_EXTS:
                 images.add(ext)
         if recs:

@@ -29,6 +29,9 @@ from shards.writer import ShardWriter  # noqa: E402
 from tests.test_shards_samples import FX, K, make_sample  # noqa: E402
 
 
+LONG_KEY = "world/" + "long_scene_name_" * 10 + "x"
+
+
 def _late_fields_build(root: Path) -> Path:
     """cot samples whose camera / object_id are null in the first six and set after; point maps of 7 points."""
     build = root / "late"
@@ -45,6 +48,7 @@ def _late_fields_build(root: Path) -> Path:
     for i in range(4):
         s = make_sample("pointmap", f"world/p{i:04d}", seed=3)  # seed 3: 5 + 3 % 4 = 8 points each
         samples.append(s)
+    samples.append(make_sample("det3d", LONG_KEY))  # member names over 100 bytes: a PAX path header
     for shard, part in enumerate((samples[:7], samples[7:])):
         with ShardWriter(build, shard) as w:
             for s in part:
@@ -77,12 +81,13 @@ def test_inference_alone_breaks_on_late_fields(late: Path, tmp_path: Path) -> No
 
 def test_build_dir_loads_with_its_card(late: Path, tmp_path: Path) -> None:
     ds = _load(path=str(late), cache_dir=str(tmp_path / "c"))
-    assert len(ds) == 14
+    assert len(ds) == 15
     by_key = {r["__key__"]: r for r in ds}
     assert by_key["world/c0000"]["json"]["camera"] is None
     assert by_key["world/c0007"]["json"]["camera"]["K"] == K
     assert by_key["world/c0008"]["json"]["mentions"][1]["object_id"] == "obj8"
     assert by_key["world/c0001"]["json"]["mentions"][0]["object_id"] is None
+    assert by_key[LONG_KEY]["json"]["objects"][1]["object_id"] == "t1"
     # the point maps keep their (N, 5) shape and float32 values
     feat = ds.features["points.npy"]
     assert isinstance(feat, datasets.Array2D) and feat.shape == (None, 5) and feat.dtype == "float32"
@@ -95,7 +100,7 @@ def test_features_json_with_the_webdataset_loader(late: Path, tmp_path: Path) ->
     feats = datasets.Features.from_dict(json.loads((late / FEATURES_FILE).read_text()))
     files = [str(tar_path(late, 0)), str(tar_path(late, 1))]
     ds = _load(path="webdataset", data_files=files, features=feats, cache_dir=str(tmp_path / "c"))
-    assert len(ds) == 14 and ds.features == feats
+    assert len(ds) == 15 and ds.features == feats
     assert isinstance(feats["png"], datasets.Image) and isinstance(feats["jpg"], datasets.Image)
 
 
@@ -122,3 +127,18 @@ def test_a_real_pointmap_build_loads(sample_world: Any, tmp_path: Path) -> None:
     for row in ds:
         got = row["points.npy"]
         assert got.ndim == 2 and got.shape[1] == 5 and np.array_equal(got, want[row["__key__"]])
+
+
+def test_member_walk_matches_tarfile(late: Path) -> None:
+    """The header walk that reads records and npy headers sees what `tarfile` sees, long names included."""
+    import tarfile
+
+    from shards.hf_card import _tar_members
+
+    for i in (0, 1):
+        mine = [(f"{k}.{e}", d) for k, e, d in _tar_members(tar_path(late, i))]
+        with tarfile.open(tar_path(late, i)) as tf:
+            ref = [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]  # type: ignore[union-attr]
+        assert [n for n, _ in mine] == [n for n, _ in ref]
+        assert all(d is None or d == r for (_, d), (_, r) in zip(mine, ref, strict=True))
+        assert any(len(n) > 100 for n, _ in mine) == (i == 1)
