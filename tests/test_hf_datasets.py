@@ -13,21 +13,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import datasets  # a test dependency (pyproject dev, requirements.lock): missing it fails, never skips
 import numpy as np
 import pytest
 
-datasets = pytest.importorskip("datasets")
-
-from shards.hf_card import build_features, features_to_dict, features_to_yaml  # noqa: E402
-from shards.layout import (  # noqa: E402
-    CARD_FILE,
-    FEATURES_FILE,
-    tar_path,  # noqa: E402
-)
-from shards.manifest import finalize  # noqa: E402
-from shards.writer import ShardWriter  # noqa: E402
-from tests.test_shards_samples import FX, K, make_sample  # noqa: E402
-
+from shards.hf_card import build_features, features_to_dict, features_to_yaml
+from shards.layout import CARD_FILE, FEATURES_FILE, tar_path
+from shards.manifest import finalize
+from shards.writer import ShardWriter
+from tests.test_shards_samples import FX, K, make_sample
 
 LONG_KEY = "world/" + "long_scene_name_" * 10 + "x"
 
