@@ -136,3 +136,31 @@ def test_member_walk_matches_tarfile(late: Path) -> None:
         assert [n for n, _ in mine] == [n for n, _ in ref]
         assert all(d is None or d == r for (_, d), (_, r) in zip(mine, ref, strict=True))
         assert any(len(n) > 100 for n, _ in mine) == (i == 1)
+
+
+# ---------------------------------------------------------------------- the other readers stay working
+def test_webdataset_and_pandas_read_the_same_build(late: Path) -> None:
+    import pandas as pd
+
+    from shards.reader import iter_samples, shard_urls
+
+    got = {s["__key__"]: s for s in iter_samples(late)}  # the webdataset library
+    assert len(got) == 15 and got["world/p0001"]["points.npy"].shape == (8, 5)
+    idx = pd.read_parquet(late / "index.parquet")
+    assert sorted(idx["key"]) == sorted(got) and set(idx["corpus"]) == {"cot", "det3d", "pointmap"}
+    assert len(shard_urls(late)) == 2
+
+
+@pytest.mark.ray
+def test_ray_data_read_webdataset(late: Path, ray_session: Any) -> None:
+    import ray.data
+
+    from shards.reader import shard_urls
+
+    ds = ray.data.read_webdataset(shard_urls(late), decoder=None)
+    rows = ds.take_all()
+    assert len(rows) == 15
+    keys = {r["__key__"] for r in rows}
+    assert "world/c0007" in keys and LONG_KEY in keys
+    rec = json.loads(next(r for r in rows if r["__key__"] == "world/c0007")["json"])
+    assert rec["camera"]["K"] == K
