@@ -111,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_words(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """`eval det3d`, `build pointmap`, ...: the chosen (sub)command names, for one-line error messages."""
+    dests = [a.dest for p in iter_parsers(parser) for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    words: list[str] = []
+    for d in dict.fromkeys(dests):
+        v = getattr(args, d, None)
+        if isinstance(v, str):
+            words.append(v)
+    return " ".join(words)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         line = input_error_line(exc)
         if line is None:
             raise
-        print(f"gr3d {args.command}: error: {line}", file=sys.stderr)
+        print(f"gr3d {command_words(parser, args)}: error: {line}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -131,11 +131,12 @@ def test_train_help_lists_config_keys_with_types_and_defaults(capsys):
 
 
 MISSING_INPUTS = [
-    (["eval", "det3d", "--gt", "{m}/gt.json", "--predictions", "{m}/p.json", "--out", "{t}/o"], "{m}/gt.json"),
+    (["eval", "det3d", "--gt", "{m}/gt.json", "--predictions", "{m}/p.json", "--out", "{t}/o"],
+     "gr3d eval det3d: error: {m}/gt.json"),
     (["eval", "ground2d", "--predictions", "{m}/p.json", "--gt", "{m}/g.json"], "{m}/p.json"),
     (["build", "pointmap", "--source", "rgbd", "--rgbd", "{m}", "--out", "{t}/b", "--executor", "local", "--quiet"],
      "{m}"),
-    (["shards", "show", "{m}", "KEY"], "{m}: build directory not found"),
+    (["shards", "show", "{m}", "KEY"], "gr3d shards show: error: {m}: build directory not found"),
     (["shards", "verify", "{m}"], "{m}: build directory not found"),
     (["audit", "{m}"], "{m}"),
     (["audit", "score", "{m}"], "{m}"),
