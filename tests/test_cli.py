@@ -57,7 +57,7 @@ def _all_parsers():
 
     root = build_parser()
     audit = audit_parser()
-    from pipelines.build_cli import BUILDER_MODULES, registered_builders
+    from pipelines.engine.build_cli import BUILDER_MODULES, registered_builders
 
     # builders other tests register (toy executors' builders) are not part of the shipped CLI
     foreign = {f"gr3d build {n}" for n, spec in registered_builders().items()
