@@ -20,6 +20,8 @@ import re
 from typing import Any
 
 __all__ = [
+    "REWRITE_SCHEMA",
+    "VERDICT_SCHEMA",
     "ParseError",
     "ModelOutputError",
     "extract_json_object",
@@ -116,6 +118,23 @@ def _check_keys(obj: dict[str, Any], required: set[str]) -> None:
         raise ParseError(f"unexpected key(s) {sorted(extra)}")
     if "reason" in obj and not isinstance(obj["reason"], str):
         raise ParseError("'reason' must be a string")
+
+
+# JSON Schemas of the two answers, sent as `response_format` (structured output) to endpoints that
+# support it (vLLM, SGLang, OpenAI), so the server constrains decoding to what the parsers below accept.
+VERDICT_SCHEMA: dict = {
+    "type": "object",
+    "properties": {"choice": {"type": ["integer", "null"], "minimum": 0},
+                   "confidence": {"type": "number", "minimum": 0, "maximum": 1}},
+    "required": ["choice", "confidence"],
+    "additionalProperties": False,
+}
+REWRITE_SCHEMA: dict = {
+    "type": "object",
+    "properties": {"description": {"type": "string"}},
+    "required": ["description"],
+    "additionalProperties": False,
+}
 
 
 def parse_verdict(text: str, n_candidates: int) -> tuple[int | None, float]:

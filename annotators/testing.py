@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,7 +71,10 @@ class _Handler(BaseHTTPRequestHandler):
         stub = self.server.stub
         length = int(self.headers.get("Content-Length", "0"))
         raw = self.rfile.read(length)
-        if self.path != "/v1/chat/completions":
+        # absolute-form (`POST http://host/v1/...`) is what a client sends to an HTTP proxy: the stub
+        # then plays the proxy and answers itself (the proxy test).
+        path = urllib.parse.urlsplit(self.path).path if "://" in self.path else self.path
+        if path != "/v1/chat/completions":
             self._send(404, b'{"error": {"message": "not found"}}')
             return
         try:

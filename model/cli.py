@@ -17,12 +17,15 @@ __all__ = ["add_parser", "run_train"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `gr3d train`."""
+    from model.train_config import config_keys_help  # dataclasses only: no torch
+
     p = subparsers.add_parser(
         "train", help="train GR3D from built shards (stage 1 or 2; CPU, one GPU, or torchrun DDP/FSDP)",
         description="Train GR3D. Overrides: any config field as --section.key VALUE, e.g. --optim.lr 1e-4 "
         "--data.batch_size 4 --max_steps 300 --out runs/x. Multi-GPU: torchrun --nproc_per_node N -m "
         "pipelines.cli train ... (or the gr3d script path).",
-        epilog="Outputs in OUT: checkpoints/step_NNNNNN/, metrics.jsonl, loss.png, final/ (for gr3d eval).",
+        epilog=config_keys_help()
+        + "\n\nOutputs in OUT: checkpoints/step_NNNNNN/, metrics.jsonl, loss.png, final/ (for gr3d eval).",
     )
     p.add_argument("--config", required=True, metavar="FILE",
                    help="YAML config, or a packaged name: tiny | gr3d-8b-stage1 | gr3d-8b-stage2")
@@ -49,8 +52,8 @@ def run_train(args: argparse.Namespace, overrides: list[str] | None = None) -> i
     extra = overrides if overrides is not None else list(getattr(args, "overrides", None) or [])
     try:
         cfg = load_config(args.config, parse_override_args(extra))
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"gr3d train: {e}", file=sys.stderr)
+    except ConfigError as e:
+        print(f"gr3d train: error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         import yaml

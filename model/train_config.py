@@ -222,6 +222,36 @@ def config_from_dict(data: Mapping[str, Any], cls: type = TrainConfig, prefix: s
     return cls(**kwargs)
 
 
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, type, default) of every leaf field, in declaration order: what `--KEY VALUE` accepts."""
+    out: list[tuple[str, str, Any]] = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += config_keys(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append((f"{prefix}{f.name}", _type_name(tp), default))
+    return out
+
+
+def config_keys_help() -> str:
+    """The config keys as `gr3d train --help` lists them (generated from the typed config, never by hand)."""
+    rows = config_keys()
+    width = max(len(k) for k, _, _ in rows) + 2
+    tw = max(len(t) for _, t, _ in rows) + 2
+    lines = ["config keys (override any with --KEY VALUE; defaults before the --config file applies):"]
+    lines += [f"  --{k:<{width}}{t:<{tw}}default: {d!r}" for k, t, d in rows]
+    return "\n".join(lines)
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (what the YAML holds, and what checkpoints record)."""
     return dataclasses.asdict(cfg)

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                            "--views", str(args.views), "--seed", "0"], outputs)
     _step("det3d build", ["build", "det3d", "--sample-world", str(world), "--out", str(builds / "det3d"), *ex],
           outputs)
-    _step("pointmaps build", ["build", "pointmaps", "--source", "embodiedscan",
+    _step("pointmaps build", ["build", "pointmap", "--source", "embodiedscan",
                               "--embodiedscan", *map(str, sorted((world / "embodiedscan").glob("*.pkl"))),
                               "--data-root", str(world), "--out", str(builds / "pointmap"), *ex], outputs)
     refspatial = [f"RefSpatial/3D/{name}.json" for name in ("reasoning_template_qa", "choice_qa")]

@@ -15,24 +15,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# What `export_ply` exported, in the words `--ply` prints.
+CLOUD_WORDS = {
+    "stored_depth": "the full depth map stored in the shard (KEY.depth.npy)",
+    "source_depth": "the full depth map read from the source depth file",
+    "sampled_points": "the sampled points (KEY.points.npy)",
+}
+
 
 def add_parser(sub: argparse._SubParsersAction,
-               ply_exporter: Callable[[dict[str, Any], Path], Any] | None = None) -> None:
+               ply_exporter: Callable[[dict[str, Any], Path, Path | None], Any] | None = None) -> None:
     p = sub.add_parser("shards", help="verify and inspect built shards",
                        description="Verify a build's shards against the contract, or print one sample.")
     ssub = p.add_subparsers(dest="shards_command", metavar="SUBCOMMAND", required=True)
     v = ssub.add_parser("verify", help="check a build (numbering, stats, sha256, keys, records, index)",
                         description="Check a finished build; prints every problem (file: cause) and exits 1 if any.")
-    v.add_argument("build_dir", type=Path, metavar="DIR", help="build directory (holds shards/)")
+    v.add_argument("build_dir", type=Path, metavar="BUILD_DIR", help="build directory (holds shards/)")
     v.add_argument("--no-manifest", action="store_true",
                    help="do not require manifest.json (check shards of a build that is not finalized yet)")
     v.add_argument("--no-images", action="store_true", help="skip decoding image headers to check their size")
     v.add_argument("--max-problems", type=int, default=200, help="print at most this many problems (default 200)")
     s = ssub.add_parser("show", help="print one sample's record", description="Print the record of sample KEY.")
-    s.add_argument("build_dir", type=Path, metavar="DIR", help="build directory (holds shards/)")
+    s.add_argument("build_dir", type=Path, metavar="BUILD_DIR", help="build directory (holds shards/)")
     s.add_argument("key", metavar="KEY", help="sample key")
     s.add_argument("--ply", type=Path, metavar="OUT",
-                   help="also export the sample's points as a PLY file (a point-map sample)")
+                   help="also export the sample's points as a PLY file: the full depth map's back-projection when "
+                        "the depth is in the shard or found under --data-root, else the sampled points; the "
+                        "output says which")
+    s.add_argument("--data-root", type=Path, metavar="DIR", default=None,
+                   help="with --ply: where the record's source depth file is looked up (default: GR3D_DATA_ROOT, "
+                        "else the current directory)")
     p.set_defaults(func=run, ply_exporter=ply_exporter)
 
 
@@ -45,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from schemas.cli_errors import require_dir
     from shards.verify import iter_problem_lines, verify
 
+    require_dir(args.build_dir, "build directory")
     rep = verify(args.build_dir, require_manifest=not args.no_manifest, check_images=not args.no_images)
     if rep.problems:
         for line in iter_problem_lines(rep.problems, args.max_problems):
@@ -58,8 +72,10 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from schemas.cli_errors import require_dir
     from shards.reader import read_sample
 
+    require_dir(args.build_dir, "build directory")
     try:
         sample = read_sample(args.build_dir, args.key)
     except (KeyError, FileNotFoundError) as e:
@@ -77,9 +93,13 @@ def _show(args: argparse.Namespace) -> int:
         try:
             if exporter is None:
                 raise ImportError("no exporter was registered (run through `gr3d`)")
-            exporter(sample, args.ply)
+            info = exporter(sample, args.ply, args.data_root)
         except ImportError as e:
             print(f"error: --ply needs the point-map exporter, which is not available: {e}", file=sys.stderr)
             return 2
-        print(f"# wrote {args.ply}")
+        print(f"# wrote {args.ply}: {info['points']} points, {CLOUD_WORDS[info['cloud']]}")
+        if info["cloud"] == "sampled_points":
+            print(f"gr3d shards show: note: no depth map for {args.key} (not in the shard, not found under "
+                  f"--data-root/GR3D_DATA_ROOT): exported the {info['points']} sampled points only",
+                  file=sys.stderr)
     return 0

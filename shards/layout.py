@@ -7,6 +7,7 @@
       shards/NNNNNN.stats.json      written LAST: the chunk is done exactly when it exists and parses
       intermediate/STAGE/NNNNNN.parquet   raw outputs of a model stage (cot), reused on resume
       plan.json  index.parquet  rejects.parquet  manifest.json  run.json
+      features.json  README.md      column types + dataset card for Hugging Face datasets (shards/hf_card.py)
       cache/                        the annotators' response cache (cot; kept by --overwrite)
 
 `BuildLayout(root)` names each of these; the module functions are the same facts for callers that hold
@@ -27,7 +28,7 @@ from shards import jsonio
 
 __all__ = [
     "SHARD_DIGITS", "SHARDS_DIR", "INTERMEDIATE_DIR", "PLAN_FILE", "INDEX_FILE", "REJECTS_FILE", "MANIFEST_FILE",
-    "RUN_FILE", "BUILD_OUTPUTS", "BuildLayout", "shard_name", "shards_dir", "tar_path", "index_path", "rejects_path",
+    "RUN_FILE", "FEATURES_FILE", "CARD_FILE", "BUILD_OUTPUTS", "BuildLayout", "shard_name", "shards_dir", "tar_path", "index_path", "rejects_path",
     "stats_path", "intermediate_path", "is_done", "clean_partial",
 ]
 
@@ -39,8 +40,11 @@ INDEX_FILE = "index.parquet"
 REJECTS_FILE = "rejects.parquet"
 MANIFEST_FILE = "manifest.json"
 RUN_FILE = "run.json"
+FEATURES_FILE = "features.json"
+CARD_FILE = "README.md"  # the name `datasets.load_dataset(BUILD_DIR)` reads its card from
 # What `--overwrite` deletes: only the paths a build writes, never anything else in the directory.
-BUILD_OUTPUTS = (SHARDS_DIR, INTERMEDIATE_DIR, INDEX_FILE, REJECTS_FILE, MANIFEST_FILE, RUN_FILE, PLAN_FILE)
+BUILD_OUTPUTS = (SHARDS_DIR, INTERMEDIATE_DIR, INDEX_FILE, REJECTS_FILE, MANIFEST_FILE, RUN_FILE, PLAN_FILE,
+                 FEATURES_FILE, CARD_FILE)
 
 
 

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from schemas import records
 from shards import jsonio
+from shards.hf_card import write_hf_files
 from shards.layout import index_path, rejects_path, shard_name, shards_dir, stats_path
 from shards.writer import INDEX_SCHEMA, REJECTS_SCHEMA, atomic_write, write_parquet
 
@@ -162,6 +163,9 @@ def finalize(build_dir: str | os.PathLike[str], config: Mapping[str, Any], code_
     records.validate("manifest", manifest)
     data = jsonio.dumps(manifest, indent=1) + b"\n"
     atomic_write(build / "manifest.json", lambda f: f.write(data))
+    # Column types for Hugging Face `datasets`, over every sample (shards/hf_card.py).
+    write_hf_files(build, [build / s["tar"] for s in shards], ",".join(sorted(by_corpus)) or "empty",
+                   totals["n_samples"])
 
     run = {
         "finished_at_utc": datetime.now(UTC).isoformat(timespec="seconds"),

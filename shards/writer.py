@@ -50,7 +50,7 @@ from shards.layout import (
 
 __all__ = [
     "IMAGE_EXTS", "INDEX_SCHEMA", "REJECTS_SCHEMA", "Sample", "SampleError", "ShardWriter", "atomic_write", "check_sample",
-    "image_problem", "member_names", "sniff_image_ext", "tar_member_bytes", "tar_trailer", "write_parquet",
+    "dataset_id", "image_problem", "member_names", "sniff_image_ext", "tar_member_bytes", "tar_trailer", "write_parquet",
 ]
 
 IMAGE_EXTS = ("jpg", "png")
@@ -66,6 +66,18 @@ def sniff_image_ext(data: bytes) -> str | None:
     return next((ext for ext, magic in _MAGIC.items() if bytes(data[:8]).startswith(magic)), None)
 # A module global, looked up at each call, so a test can swap it to write a deliberately broken record.
 validate_record: Callable[[str, Any], None] = records.validate
+
+
+
+def dataset_id(name: str) -> str:
+    """The index's `dataset` column: the record's `source.dataset` in lower case (one convention).
+
+    Sources name datasets their own way (Omni3D's `SUNRGBD`, `ARKitScenes`, our `embodiedscan`, `rgbd`);
+    the record keeps that spelling for provenance, the index lower-cases it so filters and group-bys on
+    `index.parquet` see one convention (docs/interfaces.md).
+    """
+    return name.lower()
+
 
 INDEX_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
@@ -388,7 +400,7 @@ class ShardWriter:
 
     def _index_row(self, key: str, s: Sample, rec: Mapping[str, Any]) -> dict[str, Any]:
         return {
-            "key": key, "shard": self.index, "corpus": rec["corpus"], "dataset": rec["source"]["dataset"],
+            "key": key, "shard": self.index, "corpus": rec["corpus"], "dataset": dataset_id(rec["source"]["dataset"]),
             "image_ext": s.image_ext, "image_bytes": len(s.image_bytes),
             "width": rec["image"]["width"], "height": rec["image"]["height"],
             "n_objects": len(rec["objects"]) if "objects" in rec else None,

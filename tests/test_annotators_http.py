@@ -1,4 +1,7 @@
-"""OpenAI-compatible HTTP backend against a real loopback chat-completions server."""
+"""OpenAI-compatible backend (the `openai` SDK) against a real loopback chat-completions server.
+
+Every retry is asserted from what the stub saw (`stub.requests`), not from the client's own account.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import pytest
 from PIL import Image
 
 from annotators.cache import ResponseCache
-from annotators.parsing import ModelOutputError
+from annotators.parsing import REWRITE_SCHEMA, VERDICT_SCHEMA, ModelOutputError
 from annotators.testing import OpenAIStub, Step
 from annotators.vlm import OpenAIVLM, RewriteRequest, VerifyRequest, VLMTransportError
 
@@ -56,13 +59,21 @@ def _assert_no_secret(*things: Any) -> None:
         assert SECRET not in str(t) and SECRET not in repr(t)
 
 
+def _header(stub: OpenAIStub, i: int, name: str) -> str | None:
+    return {k.lower(): v for k, v in stub.headers[i].items()}.get(name.lower())
+
+
 def test_request_payload_and_answer(stub: OpenAIStub, logs: pytest.LogCaptureFixture) -> None:
     client = _client(stub, max_tokens=64, json_mode=True, extra_body={"seed": 7})
     v = client.verify(_img(), "the cup", [(10, 10, 60, 60), (80, 20, 150, 100)])
     assert (v.choice, v.confidence, v.raw) == (0, 0.8, '{"choice": 0, "confidence": 0.8}')
     (req,) = stub.requests
     assert req["model"] == "tiny-vlm" and req["temperature"] == 0.0 and req["max_tokens"] == 64
-    assert req["response_format"] == {"type": "json_object"} and req["seed"] == 7
+    assert req["seed"] == 7
+    # structured output: the verdict's JSON schema (what parse_verdict accepts)
+    rf = req["response_format"]
+    assert rf["type"] == "json_schema" and rf["json_schema"]["name"] == "verdict"
+    assert rf["json_schema"]["schema"] == VERDICT_SCHEMA
     parts = req["messages"][0]["content"]
     assert [p["type"] for p in parts] == ["image_url", "text"]
     url = parts[0]["image_url"]["url"]
@@ -71,7 +82,7 @@ def test_request_payload_and_answer(stub: OpenAIStub, logs: pytest.LogCaptureFix
     assert sent.shape == (120, 160, 3)
     assert not np.array_equal(sent, _img())  # the numbered boxes are drawn on it
     assert "0: [62, 83, 375, 500]" in parts[1]["text"]
-    assert stub.headers[0]["Authorization"] == f"Bearer {SECRET}"
+    assert _header(stub, 0, "Authorization") == f"Bearer {SECRET}"
     _assert_no_secret(client, logs.text)
 
 
@@ -86,7 +97,8 @@ def test_429_500_and_timeout_are_retried_with_backoff(
     assert rw.text == "the small object near the left edge"
     assert len(stub.requests) == 4 and client.requests_sent == 4 and client.calls == 1
     assert elapsed >= 0.3 + 1.0  # honoured Retry-After, then waited out the timeout
-    assert "HTTP 429" in logs.text and "HTTP 500" in logs.text and "TimeoutError" in logs.text
+    assert "HTTP 429 (Retry-After 0.3)" in logs.text and "HTTP 500" in logs.text
+    assert [_header(stub, i, "x-stainless-retry-count") for i in range(4)] == ["0", "1", "2", "3"]
     _assert_no_secret(logs.text)
 
 
@@ -196,3 +208,64 @@ def test_transport_error_mid_batch_keeps_finished_answers(stub: OpenAIStub, tmp_
     res = again.verify_many(reqs)
     assert all(r.choice == 0 for r in res)  # type: ignore[union-attr]
     assert again.requests_sent == 4 - n_cached
+
+
+def test_structured_output_refused_falls_back_once(stub: OpenAIStub, logs: pytest.LogCaptureFixture) -> None:
+    """An endpoint without json_schema support: asked again without it, and not asked with it again."""
+    stub.script(Step(status=400, body=b'{"error": {"message": "response_format json_schema is not supported"}}'))
+    client = _client(stub, json_mode=True)
+    rw = client.rewrite(_img(), "chair", (0, 0, 50, 100))
+    assert rw.text == "the small object near the left edge"
+    assert [r.get("response_format", {}).get("type") for r in stub.requests] == ["json_schema", "json_object"]
+    assert stub.requests[0]["response_format"]["json_schema"]["schema"] == REWRITE_SCHEMA
+    client.verify(_img(), "the cup", [(1, 1, 9, 9)])
+    assert stub.requests[2]["response_format"] == {"type": "json_object"} and client.calls == 2
+    assert "structured output (response_format json_schema) refused" in logs.text
+    plain = _client(stub, structured_output=False)  # neither: no response_format at all
+    plain.verify(_img(), "the cup", [(1, 1, 9, 9)])
+    assert "response_format" not in stub.requests[3]
+
+
+def test_malformed_json_body_is_retried_and_counted(stub: OpenAIStub) -> None:
+    stub.script(Step(body=b'{"choices": [{"message": '), Step(body=b"not json at all"))
+    client = _client(stub)
+    v = client.verify(_img(), "the cup", [(1, 1, 9, 9)])
+    assert v.choice == 0 and len(stub.requests) == 3 and client.requests_sent == 3 and client.calls == 1
+
+
+def test_no_key_sends_no_authorization(stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV)
+    stub.api_key = None
+    _client(stub).verify(_img(), "the cup", [(1, 1, 9, 9)])
+    assert _header(stub, 0, "Authorization") is None
+
+
+def test_base_url_from_openai_base_url(stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", stub.url)
+    client = OpenAIVLM(None, "tiny-vlm", api_key_env=ENV, max_retries=0)
+    assert client.base_url == stub.url and client.verify(_img(), "the cup", [(1, 1, 9, 9)]).choice == 0
+    assert len(stub.requests) == 1
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    with pytest.raises(ValueError, match="OPENAI_BASE_URL"):
+        OpenAIVLM(None, "m")
+
+
+def test_http_proxy_from_the_environment_and_no_proxy(stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stub plays the proxy: a request for an unroutable host reaches it via HTTP_PROXY; NO_PROXY bypasses."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nothing listens here
+    proxy = stub.url.rsplit("/v1", 1)[0]
+    for var in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, proxy)
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    target = f"http://gr3d-endpoint.invalid:{dead}/v1"
+    client = OpenAIVLM(target, "tiny-vlm", api_key_env=ENV, max_retries=0, timeout=2.0)
+    assert client.verify(_img(), "the cup", [(1, 1, 9, 9)]).choice == 0
+    assert len(stub.requests) == 1 and _header(stub, 0, "Host") == f"gr3d-endpoint.invalid:{dead}"
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(var, "gr3d-endpoint.invalid")
+    with pytest.raises(VLMTransportError):
+        OpenAIVLM(target, "tiny-vlm", api_key_env=ENV, max_retries=0, timeout=2.0).verify(_img(1), "x", [(1, 1, 9, 9)])
+    assert len(stub.requests) == 1

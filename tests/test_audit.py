@@ -302,7 +302,7 @@ def test_corrupt_inputs_name_the_file(fab: Path, tmp_path: Path) -> None:
     tar.write_bytes(bytes(data))
     with pytest.raises(AuditInputError, match=r"fails `gr3d shards verify`[\s\S]*shards/000001\.tar"):
         load_build(bad)
-    assert main(["audit", str(bad), "--out", str(tmp_path / "r")]) == 1
+    assert main(["audit", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r" / "report.html").exists()
 
     nomani = tmp_path / "nomani"

@@ -183,7 +183,7 @@ def test_cli_forms(builds: dict[str, Path], tmp_path: Path, capsys: pytest.Captu
     bad = tmp_path / "bad"
     shutil.copytree(builds["cot"], bad)
     (bad / "intermediate" / "verify" / "000000.parquet").unlink()
-    assert main(["audit", str(bad), "--out", str(tmp_path / "r2"), "--no-verify"]) == 1
+    assert main(["audit", str(bad), "--out", str(tmp_path / "r2"), "--no-verify"]) == 2
     err = capsys.readouterr().err
     assert "intermediate/verify/000000.parquet: missing intermediate file" in err
 

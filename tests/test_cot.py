@@ -298,7 +298,7 @@ def test_openai_backend_survives_429_500_timeout_and_keeps_garbage_as_rejects(
     rw = [m for r in recs.values() for m in r["mentions"] if m["rewritten"]]
     assert rw and all(m["rewritten"] == desc for m in rw)
     assert any(("The " + desc[4:] + "<bbox>") in x for r in recs.values() for x in gpt_texts(r))
-    assert all(h.get("Authorization") == f"Bearer {SECRET}" for h in stub.headers)
+    assert all({k.lower(): v for k, v in h.items()}.get("authorization") == f"Bearer {SECRET}" for h in stub.headers)
     for p in [*out.rglob("*.parquet"), out / "manifest.json", out / "run.json"]:
         assert SECRET.encode() not in p.read_bytes()
     # a rebuild from scratch (--overwrite) asks the server nothing: the cache in BUILD/cache answers

@@ -156,10 +156,39 @@ def test_det3d_with_checkpoint_prompts_each_category_present(
     preds = json.loads((tmp_path / "o" / "predictions.json").read_text())
     assert [p["image_id"] for p in preds] == [1, 2]
     (chair,) = preds[0]["instances"]
-    assert chair["score"] == pytest.approx(-0.3) and chair["category_id"] == 10
+    assert chair["logprob"] == pytest.approx(-0.3) and chair["category_id"] == 10
+    assert chair["score"] == pytest.approx(math.exp(-0.3)) and CUBERCNN_FIELDS <= set(chair)
     assert preds[1]["instances"] == []
     r = json.loads((tmp_path / "o" / "det3d_eval.json").read_text())
     sun = r["datasets"]["SUNRGBD_test"]
     assert sun["per_category"] == {"chair": pytest.approx(1.0), "table": 0.0}
     assert r["datasets"]["KITTI_test"]["AP3D"] == 0.0
     assert math.isclose(r["overall"]["AP3D"], 1 / 3, abs_tol=1e-12)
+
+
+CUBERCNN_FIELDS = {"image_id", "category_id", "bbox", "score", "depth", "bbox3D", "center_cam", "center_2D",
+                   "dimensions", "pose"}  # what Cube R-CNN's instances_to_coco_json writes per instance
+
+
+def test_instances_carry_every_cubercnn_field_and_a_probability_score() -> None:
+    K = [[500.0, 0.0, 320.0], [0.0, 500.0, 240.0], [0.0, 0.0, 1.0]]
+    objs = parse_answer(TEXT, PIECES)
+    inst = answer_to_instances(objs, image_id=7, category_id=10, width=640, height=480, K=K)
+    for i in inst:
+        assert CUBERCNN_FIELDS <= set(i), CUBERCNN_FIELDS - set(i)
+        assert 0.0 <= i["score"] <= 1.0 and i["score"] == pytest.approx(np.exp(i["logprob"]))
+        assert np.asarray(i["pose"]).shape == (3, 3) and len(i["dimensions"]) == 3
+        # center_2D is the projection of center_cam; depth is the mean corner z
+        u, v, w = np.asarray(K) @ np.asarray(i["center_cam"])
+        assert i["center_2D"] == pytest.approx([u / w, v / w])
+        assert i["depth"] == pytest.approx(np.asarray(i["bbox3D"])[:, 2].mean())
+    assert inst[0]["logprob"] == pytest.approx((-0.2 - 0.4) / 2) and inst[0]["bbox_source"] == "answer"
+    # the second object has no 2D box in the answer: its bbox is the projected 3D box, clipped to the image
+    c = np.asarray(inst[1]["bbox3D"])
+    uv = (c @ np.asarray(K).T)[:, :2] / c[:, 2:3]
+    x1, y1 = np.clip(uv.min(0), 0, [640, 480])
+    x2, y2 = np.clip(uv.max(0), 0, [640, 480])
+    assert inst[1]["bbox_source"] == "projected" and inst[1]["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
+    # an object without any log-probability scores 0, not NaN
+    objs[0].score = float("-inf")
+    assert answer_to_instances(objs[:1], 7, 10, 640, 480, K=K)[0]["score"] == 0.0

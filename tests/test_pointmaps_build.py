@@ -1,4 +1,4 @@
-"""`gr3d build pointmaps` end to end: same bytes on the plain loop, Ray and Beam; resume; CLI; PLY export.
+"""`gr3d build pointmap` end to end: same bytes on the plain loop, Ray and Beam; resume; CLI; PLY export.
 
 The input is a damaged copy of the sample world's RGB-D folder (good frames plus frames that must end as
 reject rows at each stage), so the reject path is byte-compared too.

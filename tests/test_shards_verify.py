@@ -164,3 +164,15 @@ def test_show_prints_the_record_and_ply_hook(clean_build: Path, capsys: pytest.C
     monkeypatch.setitem(sys.modules, "pipelines.corpora.pointmaps.export", None)  # module absent
     assert main(["shards", "show", str(clean_build), "world/s0001", "--ply", "/tmp/x.ply"]) == 2
     assert "--ply needs the point-map exporter" in capsys.readouterr().err
+
+
+def test_show_ply_says_which_points_it_exported(clean_build: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """No depth in the shard nor under --data-root: the 6 sampled points, and the output says so."""
+    out_ply = tmp_path / "x.ply"
+    assert main(["shards", "show", str(clean_build), "world/s0001", "--ply", str(out_ply),
+                 "--data-root", str(tmp_path)]) == 0
+    cap = capsys.readouterr()
+    assert f"# wrote {out_ply}: 6 points, the sampled points (KEY.points.npy)" in cap.out
+    assert "no depth map for world/s0001" in cap.err and "exported the 6 sampled points only" in cap.err
+    assert out_ply.stat().st_size > 0

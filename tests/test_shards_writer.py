@@ -194,3 +194,14 @@ def test_npy_members_are_plain_npy(tmp_path: Path) -> None:
         data = tf.extractfile("world/p.points.npy").read()
     arr = np.load(io.BytesIO(data), allow_pickle=False)
     assert arr.flags.c_contiguous and np.array_equal(arr, s.arrays["points"])
+
+
+def test_index_dataset_column_is_lower_case(tmp_path: Path) -> None:
+    """Sources spell datasets their own way (SUNRGBD, SampleWorld, embodiedscan); the index uses one case."""
+    samples = mixed_samples(3)
+    for s, name in zip(samples, ("SampleWorld", "SUNRGBD", "embodiedscan"), strict=True):
+        s.record["source"]["dataset"] = name
+    _write(tmp_path, samples)
+    idx = pq.read_table(index_path(tmp_path, 0)).to_pylist()
+    assert sorted(r["dataset"] for r in idx) == ["embodiedscan", "sampleworld", "sunrgbd"]
+    assert {g["json"]["source"]["dataset"] for g in iter_samples(tmp_path)} == {"SampleWorld", "SUNRGBD", "embodiedscan"}

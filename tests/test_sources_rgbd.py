@@ -80,7 +80,7 @@ def test_no_intrinsics_anywhere_is_a_reject_and_no_folder_an_error(tmp_path):
     _frame(tmp_path / "x", "a")
     items, rejects = split_results(read_rgbd(tmp_path))
     assert not items and rejects[0].reason == "bad_intrinsics" and "intrinsics.json" in rejects[0].message
-    with pytest.raises(SourceError, match="not a folder"):
+    with pytest.raises(SourceError, match="RGB-D folder not found"):
         list(read_rgbd(tmp_path / "absent"))
 
 

@@ -92,6 +92,7 @@ class _Call:
     image_sha: str
     prompt: str
     parse: Callable[[str], Any]
+    kind: str | None = None  # "verdict" | "rewrite": picks the structured-output schema
     raws: list[str] = field(default_factory=list)
 
 
@@ -122,6 +123,11 @@ class _ChatVLM:
         """Run the model on (image, prompt) pairs, calling `on_done(i, raw_text)` per finished one."""
         raise NotImplementedError
 
+    def _complete_kinds(self, batch: list[tuple[Any, str]], kinds: Sequence[str | None],
+                        on_done: Callable[[int, str], None]) -> None:
+        """`_complete`, told which answer each call wants (the HTTP backend asks for that JSON schema)."""
+        self._complete(batch, on_done)
+
     def _count(self, n: int = 1) -> None:
         with self._calls_lock:
             self.calls += n
@@ -143,7 +149,7 @@ class _ChatVLM:
         if self.draw_marks:
             img = draw_marks(img, boxes, [str(i) for i in range(len(boxes))])
         n = len(boxes)
-        return _Call(img, image_sha256(img), prompt, lambda raw: parse_verdict(raw, n))
+        return _Call(img, image_sha256(img), prompt, lambda raw: parse_verdict(raw, n), "verdict")
 
     def _prep_rewrite(self, r: RewriteRequest) -> _Call:
         img = as_rgb(r.image)
@@ -154,11 +160,12 @@ class _ChatVLM:
         )
         if self.draw_marks:
             img = draw_marks(img, [box, *others], ["T", *[str(i) for i in range(len(others))]])
-        return _Call(img, image_sha256(img), prompt, parse_rewrite)
+        return _Call(img, image_sha256(img), prompt, parse_rewrite, "rewrite")
 
     # -- cache + model -----------------------------------------------------------------
-    def _answers(self, items: list[tuple[Any, str, str]]) -> list[str]:
+    def _answers(self, items: list[tuple[Any, str, str]], kinds: Sequence[str | None] | None = None) -> list[str]:
         """Raw answers for (image, image sha, prompt) triples; misses go to the model."""
+        kinds = list(kinds) if kinds is not None else [None] * len(items)
         out: list[str | None] = [None] * len(items)
         keys = [cache_key(self.model_id, PROMPT_VERSION, p, sha) for _, sha, p in items]
         todo: list[int] = []
@@ -176,7 +183,7 @@ class _ChatVLM:
                 if self.cache is not None:
                     self.cache.put(keys[i], raw, model_id=self.model_id, prompt_version=PROMPT_VERSION)
 
-            self._complete([(items[i][0], items[i][2]) for i in todo], done)
+            self._complete_kinds([(items[i][0], items[i][2]) for i in todo], [kinds[i] for i in todo], done)
         missing = [i for i, v in enumerate(out) if v is None]
         if missing:  # pragma: no cover - a backend that forgot to report is a bug
             raise RuntimeError(f"backend returned no answer for {len(missing)} call(s)")
@@ -186,7 +193,7 @@ class _ChatVLM:
         """Parse with one repair retry; unusable output becomes a ModelOutputError in place."""
         results: list[Any] = [None] * len(calls)
         reasons: dict[int, str] = {}
-        raws = self._answers([(c.image, c.image_sha, c.prompt) for c in calls])
+        raws = self._answers([(c.image, c.image_sha, c.prompt) for c in calls], [c.kind for c in calls])
         for i, (c, raw) in enumerate(zip(calls, raws)):
             c.raws.append(raw)
             try:
@@ -200,7 +207,8 @@ class _ChatVLM:
                 [
                     (calls[i].image, calls[i].image_sha, repair_prompt(calls[i].prompt, reasons[i]))
                     for i in retry
-                ]
+                ],
+                [calls[i].kind for i in retry],
             )
             for i, raw in zip(retry, raws2):
                 calls[i].raws.append(raw)

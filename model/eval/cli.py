@@ -64,8 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--prompt", default=None, help="question template with {category}/{plural} (default: the corpus's canonical detect_3d question)"
     )
-    gen.add_argument("--max-new-tokens", type=int, default=512)
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--max-new-tokens", type=int, default=512, help="generation length cap per answer")
+    gen.add_argument("--batch-size", type=int, default=8, help="images per generate call")
     gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype")
     gen.add_argument("--limit-images", type=int, default=None, help="only the first N images (smoke runs)")

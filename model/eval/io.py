@@ -130,7 +130,7 @@ def load_category_meta(path: str | Path) -> dict[int, int]:
     return {int(v): int(k) for k, v in meta["thing_dataset_id_to_contiguous_id"].items()}
 
 
-def _projected_bbox(corners: np.ndarray, K: np.ndarray | None, size: tuple[int, int] | None) -> tuple | None:
+def projected_bbox(corners: np.ndarray, K: np.ndarray | None, size: tuple[int, int] | None) -> tuple | None:
     """Box of the projected corners clipped to the image: a stand-in 2D box for detectors that give none."""
     if K is None:
         return None
@@ -196,7 +196,7 @@ def parse_predictions(
         bbox = inst.get("bbox")
         bbox_t = tuple(float(v) for v in bbox) if bbox is not None else None
         if bbox_t is None and gt is not None:
-            bbox_t = _projected_bbox(corners, gt.image_K.get(image_id), gt.image_sizes.get(image_id))
+            bbox_t = projected_bbox(corners, gt.image_K.get(image_id), gt.image_sizes.get(image_id))
         depth = inst.get("depth")
         dets.append(
             Detection(

@@ -106,23 +106,47 @@ def parse_answer(
 
 
 def answer_to_instances(
-    objects: Iterable[ParsedObject], image_id: int, category_id: int, width: int, height: int
+    objects: Iterable[ParsedObject], image_id: int, category_id: int, width: int, height: int,
+    K: Sequence[Sequence[float]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Omni3D prediction instances (bbox XYWH px, bbox3D corners, depth = mean corner z, score)."""
+    """Omni3D prediction instances with every field Cube R-CNN's `instances_to_coco_json` writes.
+
+    image_id, category_id, bbox (XYWH px: the answer's 2D box, else the projected 3D box clipped to the
+    image; needs K), score = exp(mean log-probability) in [0, 1], depth (mean corner z), bbox3D (8 corners,
+    camera frame, Omni3D order), center_cam, center_2D (projected center, px; needs K), dimensions [w, h, l]
+    and pose (3x3 rotation, camera frame); plus `logprob`, the mean log-probability itself, and
+    `bbox_source` ("answer" | "projected"). docs/det3d.md "Predictions" has the mapping.
+    """
+    from model.eval.io import projected_bbox
+
+    Km = None if K is None else np.asarray(K, dtype=np.float64)
     out = []
     for o in objects:
         center, dims, R = grammar.box3d_to_pose(o.box3d)
         corners = box_corners(center, dims, R)
+        center = np.asarray(center, dtype=np.float64)
+        logprob = float(o.score)
         inst: dict[str, Any] = {
             "image_id": image_id,
             "category_id": category_id,
-            "score": float(o.score),
+            "score": math.exp(min(logprob, 0.0)) if math.isfinite(logprob) else 0.0,
+            "logprob": logprob,
             "depth": float(corners[:, 2].mean()),
             "bbox3D": corners.tolist(),
+            "center_cam": center.tolist(),
+            "dimensions": [float(v) for v in dims],
+            "pose": np.asarray(R, dtype=np.float64).tolist(),
         }
+        if Km is not None and center[2] > 1e-6:
+            u, v, w = Km @ center
+            inst["center_2D"] = [float(u / w), float(v / w)]
         if o.bbox2d is not None:
             x1, y1, x2, y2 = o.bbox2d
             inst["bbox"] = [x1 * width, y1 * height, (x2 - x1) * width, (y2 - y1) * height]
+            inst["bbox_source"] = "answer"
+        elif (proj := projected_bbox(corners, Km, (width, height))) is not None:
+            inst["bbox"] = list(proj)
+            inst["bbox_source"] = "projected"
         out.append(inst)
     return out
 
@@ -186,7 +210,7 @@ def predict_omni3d(
         for (im, cid, _), res in zip(batch, results):
             objs = parse_answer(res.text, _pieces(res, tok, region_id), fallback_score=res.mean_logprob)
             per_image[int(im["id"])]["instances"] += answer_to_instances(
-                objs, int(im["id"]), cid, int(im["width"]), int(im["height"])
+                objs, int(im["id"]), cid, int(im["width"]), int(im["height"]), im["K"]
             )
         if progress is not None:
             progress(min(b + batch_size, len(jobs)), len(jobs))

@@ -8,7 +8,7 @@
 The report form takes the build directly (no `report` word needed; `gr3d audit report BUILD` works
 too). argparse cannot mix a positional directory with subcommands, so `audit` takes the rest of
 the command line and parses it here. Imports only argparse at module level: `gr3d --help` stays fast.
-Exit status: 0 done, 1 a problem with the inputs (the message names the file), 2 bad usage.
+Exit status (schemas.cli_errors): 0 done, 2 bad usage or a missing/unreadable input (one line naming the file).
 """
 
 from __future__ import annotations
@@ -30,17 +30,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        usage=_USAGE, add_help=False,
                        description="Annotation-noise audit of a built corpus. Run `gr3d audit --help` for the forms.")
     p.add_argument("-h", "--help", action="store_true", dest="audit_help", help="show the forms and options")
-    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="the form and its arguments (see the forms above)")
     p.set_defaults(func=run)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gr3d audit", usage=_USAGE,
                                 description="Annotation-noise audit of a built corpus (docs/audit.md).")
-    sub = p.add_subparsers(dest="audit_command", metavar="FORM", required=True)
+    # prog given: argparse would otherwise build it from the multi-line usage (a garbled sub-usage line).
+    sub = p.add_subparsers(dest="audit_command", metavar="FORM", required=True, prog="gr3d audit")
     r = sub.add_parser("report", help="(default form) HTML report + audit.json",
                        description="Write REPORT_DIR/report.html (one self-contained file) and REPORT_DIR/audit.json.")
-    r.add_argument("build_dir", type=Path, metavar="BUILD_DIR")
+    r.add_argument("build_dir", type=Path, metavar="BUILD_DIR", help="build directory (holds shards/)")
     r.add_argument("--out", type=Path, default=None, help="report directory (default: BUILD_DIR/audit/report)")
     r.add_argument("--ground-truth", type=Path, default=None,
                    help="sample-world ground_truth.json (default: found from the build's config, if any)")
@@ -53,27 +54,27 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="stratified sample of boxes for human review (CSV/Parquet + crops)",
                        description="Draw N boxes stratified by corpus and category; write sheet.csv, sheet.parquet, "
                        "crops/ and README.txt for a reviewer to mark.")
-    s.add_argument("build_dir", type=Path, metavar="BUILD_DIR")
+    s.add_argument("build_dir", type=Path, metavar="BUILD_DIR", help="build directory (holds shards/)")
     s.add_argument("--n", type=int, default=200, help="boxes to sample (default 200, as in the paper)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the stratified draw")
     s.add_argument("--out", type=Path, default=None, help="sheet directory (default: BUILD_DIR/audit/review_seedS)")
-    s.add_argument("--no-verify", action="store_true")
+    s.add_argument("--no-verify", action="store_true", help="skip `gr3d shards verify` of the build")
 
     c = sub.add_parser("score", help="accuracy + Wilson 95%% interval of a marked sheet",
                        description="Score a marked review sheet (sheet.csv, sheet.parquet or their directory).")
-    c.add_argument("sheet", type=Path, metavar="SHEET")
+    c.add_argument("sheet", type=Path, metavar="SHEET", help="marked sheet.csv, sheet.parquet or their directory")
     c.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
 
     t = sub.add_parser("perturb", help="copy of a build with controlled, recorded box noise",
                        description="Write a perturbed copy of a build (box jitter, dropped and swapped annotations), "
                        "recorded per unit in OUT/perturbations.parquet and in OUT/manifest.json.")
-    t.add_argument("build_dir", type=Path, metavar="BUILD_DIR")
+    t.add_argument("build_dir", type=Path, metavar="BUILD_DIR", help="build directory to copy")
     t.add_argument("--out", type=Path, required=True, help="directory of the perturbed build")
     t.add_argument("--box-jitter", type=float, default=0.0, metavar="SIGMA",
                    help="std of each box coordinate's noise, as a fraction of the box width/height (default 0)")
     t.add_argument("--drop", type=float, default=0.0, metavar="P", help="probability of dropping an annotation")
     t.add_argument("--swap", type=float, default=0.0, metavar="P", help="probability of swapping a box with another's")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the noise draw")
     t.add_argument("--overwrite", action="store_true", help="replace a build already in --out")
     t.add_argument("--no-verify", action="store_true", help="skip verifying the source and the copy")
     return p
@@ -87,7 +88,13 @@ def _argv(rest: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     rest = list(args.argv)
-    ns = _parser().parse_args(["--help"] if getattr(args, "audit_help", False) else _argv(rest))
+    from pipelines.cli import DefaultsHelpFormatter, iter_parsers
+    from schemas.cli_errors import EXIT_USAGE
+
+    parser = _parser()
+    for sp in iter_parsers(parser):
+        sp.formatter_class = DefaultsHelpFormatter
+    ns = parser.parse_args(["--help"] if getattr(args, "audit_help", False) else _argv(rest))
     from pipelines.audit.load import AuditInputError
     from pipelines.audit.perturb import PerturbError
     from pipelines.audit.review import ScoreError
@@ -95,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _dispatch(ns)
     except (AuditInputError, PerturbError, ScoreError) as e:
-        print(f"gr3d audit {ns.audit_command}: error: {e}", file=sys.stderr)
-        return 1
+        print(f"gr3d audit {ns.audit_command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _dispatch(ns: argparse.Namespace) -> int:

@@ -45,19 +45,23 @@ class BuilderSpec:
     make: Callable[[argparse.Namespace], Any]  # -> pipelines.engine.plan.Builder
     help: str = ""
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    aliases: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, BuilderSpec] = {}
 
 
 def register_builder(name: str, make: Callable[[argparse.Namespace], Any], *, help: str = "",
-                     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+                     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                     aliases: tuple[str, ...] = ()) -> None:
     """Make `gr3d build NAME` available. `make(args)` returns a `pipelines.engine.plan.Builder`.
+
+    NAME is the corpus the builder writes (one name per thing); `aliases` keep old spellings working.
 
     Registering the same name twice with another function is an error (two modules fighting over a
     subcommand); re-registering the same spec (a module imported twice) is harmless.
     """
-    spec = BuilderSpec(name, make, help, add_arguments)
+    spec = BuilderSpec(name, make, help, add_arguments, tuple(aliases))
     old = _REGISTRY.get(name)
     if old is not None and _origin(old.make) != _origin(make):
         raise ValueError(f"builder {name!r} is already registered by {_origin(old.make)}")
@@ -122,12 +126,12 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     builders = registered_builders()
-    p = sub.add_parser("build", help="build a corpus (cot | det3d | pointmaps) into WebDataset shards",
+    p = sub.add_parser("build", help="build a corpus (cot | det3d | pointmap) into WebDataset shards",
                        description="Build a corpus into shards: resumable, on Ray, Beam or a plain loop. "
                                    "Each builder's own options follow its name: gr3d build BUILDER --out DIR ...")
     bsub = p.add_subparsers(dest="builder", metavar="BUILDER", required=True)
     for name, spec in builders.items():
-        bp = bsub.add_parser(name, help=spec.help, description=spec.help)
+        bp = bsub.add_parser(name, help=spec.help, description=spec.help, aliases=list(spec.aliases))
         add_common_arguments(bp)
         if spec.add_arguments is not None:
             spec.add_arguments(bp)
@@ -146,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.engine.plan import PlanError
     from pipelines.engine.run import BuildError, run_build
     from pipelines.engine.stage import StageSetupError
+    from schemas.cli_errors import EXIT_USAGE
 
     spec: BuilderSpec = args.builder_spec
     beam_options = [tok for s in args.beam_options for tok in shlex.split(s)]
@@ -156,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size, limit=args.limit, overwrite=args.overwrite,
             dry_run=args.dry_run, ray_address=args.ray_address, num_gpus=args.num_gpus, beam_options=beam_options,
             show_progress=not args.quiet, progress_interval=args.progress_interval)
-    except (StageSetupError, BuildError, PlanError) as exc:
-        print(f"gr3d build {spec.name}: error: {exc}", file=sys.stderr)
-        return 2
+    except (StageSetupError, BuildError, PlanError) as exc:  # an unusable input file: InputError, via gr3d's main
+        print(f"gr3d build {spec.name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE
     print(result.summary())
     return 0

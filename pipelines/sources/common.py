@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.engine.stage import Reject
+from schemas.cli_errors import InputError
 
 __all__ = [
     "MAX_CATEGORY_CHARS",
@@ -42,8 +43,11 @@ ReadReject = Reject
 ReadResult = Item | ReadReject
 
 
-class SourceError(RuntimeError):
-    """A whole input file is unusable (truncated JSON, unsafe pickle, wrong top-level shape)."""
+class SourceError(InputError):
+    """A whole input file is unusable (truncated JSON, unsafe pickle, wrong top-level shape, missing).
+
+    An `InputError`: `gr3d` prints it as one line naming the file and exits 2 (schemas/cli_errors.py).
+    """
 
     def __init__(self, path: str | os.PathLike, message: str):
         self.path = str(path)

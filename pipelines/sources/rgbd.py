@@ -90,7 +90,7 @@ def read_rgbd(root: str | os.PathLike) -> Iterator[ReadResult]:
     """
     base = Path(os.path.abspath(root))
     if not base.is_dir():
-        raise SourceError(base, "not a folder")
+        raise SourceError(base, "RGB-D folder not found" if not base.exists() else "not a folder")
     for img in _frames(base):
         rel = img.relative_to(base)
         stem_rel = rel.with_suffix("")

@@ -184,6 +184,7 @@ def make_cot_builder(
     backoff: float = 1.0,
     max_concurrency: int = 8,
     http_image_format: str = "png",
+    structured_output: bool = True,
     tagger_kwargs: dict[str, Any] | None = None,
     verifier_kwargs: dict[str, Any] | None = None,
 ) -> Builder:
@@ -211,8 +212,9 @@ def make_cot_builder(
         raise ValueError("--tagger florence2 needs --tagger-model PATH (a florence-community/Florence-2-* checkpoint)")
     if verifier == "transformers" and not verifier_model:
         raise ValueError("--verifier transformers needs --verifier-model PATH")
-    if verifier == "openai" and not (endpoint and verifier_model):
-        raise ValueError("--verifier openai needs --endpoint URL and --verifier-model NAME (the served model)")
+    if verifier == "openai" and not ((endpoint or os.environ.get("OPENAI_BASE_URL")) and verifier_model):
+        raise ValueError("--verifier openai needs --endpoint URL (or OPENAI_BASE_URL) and --verifier-model NAME "
+                         "(the served model)")
 
     files = resolve_refspatial_files(refspatial, root, image_root, depth_root)
     if cache is True:
@@ -249,6 +251,7 @@ def make_cot_builder(
         vkw = {"base_url": endpoint, "model": verifier_model, "api_key_env": api_key_env, "timeout": timeout,
                "max_retries": max_retries, "backoff": backoff, "max_concurrency": max_concurrency,
                "max_tokens": verifier_max_new_tokens, "image_format": http_image_format,
+               "structured_output": structured_output,
                **(verifier_kwargs or {})}
         vspec = AnnotatorSpec("openai", vkw)
     elif verifier == "oracle":
@@ -282,7 +285,8 @@ def make_cot_builder(
         "ground_truth": gt if "oracle" in (tagger, verifier) else None,
         "decoding": {"num_beams": num_beams, "tagger_max_new_tokens": tagger_max_new_tokens, "od_mode": od_mode,
                      "verifier_max_new_tokens": verifier_max_new_tokens,
-                     "http_image_format": http_image_format if verifier == "openai" else None},
+                     "http_image_format": http_image_format if verifier == "openai" else None,
+                     "structured_output": structured_output if verifier == "openai" else None},
         "rewrite": rewrite if vspec is not None else "none", "min_confidence": min_confidence,
         "allow_partial": allow_partial, "question_only": question_only, "max_candidates": max_candidates,
         "extra_nouns": sorted(set(extra_nouns)),
@@ -296,26 +300,29 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cot: inputs")
     g.add_argument("--refspatial", nargs="+", default=[], metavar="FILE",
                    help="RefSpatial JSON files (absolute, or relative to --data-root); required unless --sample-world")
-    g.add_argument("--data-root", type=Path, default=None,
+    g.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                    help="data root: the RefSpatial root (or its parent), or a sample world")
     add_sample_world_argument(g)
-    g.add_argument("--image-root", default=None, help="image root relative to --data-root, for files outside "
+    g.add_argument("--image-root", default=None, metavar="DIR", help="image root relative to --data-root, for files outside "
                    "the released layout (default: from the layout or sample_world.json)")
-    g.add_argument("--depth-root", default=None, help="depth root relative to --data-root (with --image-root)")
+    g.add_argument("--depth-root", default=None, metavar="DIR", help="depth root relative to --data-root (with --image-root)")
     g.add_argument("--vocabulary", type=Path, default=None,
                    help="extra category nouns, one per line (added to the Omni3D/EmbodiedScan/RefSpatial list)")
     g.add_argument("--question-only", action="store_true",
                    help="only ground mentions whose category the question names")
     g = p.add_argument_group("cot: annotators")
-    g.add_argument("--tagger", choices=("florence2", "oracle"), default="florence2")
+    g.add_argument("--tagger", choices=("florence2", "oracle"), default="florence2",
+                   help="florence2: the Florence-2 model; oracle: the sample world's ground truth (tests, demo)")
     g.add_argument("--verifier", choices=("transformers", "openai", "oracle", "none"), default="transformers",
                    help="none keeps the tagger's boxes unverified (and rewrites nothing)")
     g.add_argument("--tagger-model", default=None, help="Florence-2 checkpoint directory (native transformers)")
     g.add_argument("--verifier-model", default=None,
                    help="chat VLM checkpoint directory (transformers) or the served model name (openai)")
-    g.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    g.add_argument("--endpoint", default=None,
+                   help="OpenAI-compatible base URL, e.g. http://host:8000/v1 (default: OPENAI_BASE_URL)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    g.add_argument("--ground-truth", default=None, help="oracle: ground_truth.json (default: DATA_ROOT/...)")
+    g.add_argument("--ground-truth", default=None, metavar="FILE",
+                   help="oracle: ground_truth.json (default: --data-root/...)")
     g.add_argument("--rewrite", choices=("generic", "all", "none"), default="generic",
                    help="rewrite generic class names (default), every grounded mention, or nothing")
     g.add_argument("--min-confidence", type=float, default=0.5, help="verifier confidence below this rejects")
@@ -328,16 +335,21 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA when the worker sees a GPU) | cpu | cuda")
     g.add_argument("--dtype", default=None, help="torch dtype name (default fp16/bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads per worker")
-    g.add_argument("--tagger-batch-size", type=int, default=8)
-    g.add_argument("--verifier-batch-size", type=int, default=4)
+    g.add_argument("--tagger-batch-size", type=int, default=8, help="images per Florence-2 generate call")
+    g.add_argument("--verifier-batch-size", type=int, default=4,
+                   help="requests per verifier generate call (transformers backend)")
     g.add_argument("--num-beams", type=int, default=3, help="Florence-2 beams (official examples: 3)")
-    g.add_argument("--tagger-max-new-tokens", type=int, default=1024)
-    g.add_argument("--od-mode", choices=("fallback", "always", "never"), default="fallback")
-    g.add_argument("--verifier-max-new-tokens", type=int, default=128)
+    g.add_argument("--tagger-max-new-tokens", type=int, default=1024, help="Florence-2 generation length cap")
+    g.add_argument("--od-mode", choices=("fallback", "always", "never"), default="fallback",
+                   help="Florence-2 <OD> pass: only when phrase grounding finds nothing, on every image, or never")
+    g.add_argument("--verifier-max-new-tokens", type=int, default=128, help="verifier/rewriter generation length cap")
     g.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout (s)")
     g.add_argument("--max-retries", type=int, default=4, help="HTTP retries (429/5xx/timeouts)")
     g.add_argument("--backoff", type=float, default=1.0, help="HTTP retry backoff base (s)")
     g.add_argument("--max-concurrency", type=int, default=8, help="HTTP requests in flight per worker")
+    g.add_argument("--no-structured-output", action="store_true",
+                   help="do not ask the endpoint for JSON-schema-constrained answers (response_format "
+                        "json_schema; sent by default, dropped by itself when the endpoint refuses it)")
     g.add_argument("--http-image-format", choices=("png", "jpeg"), default="png",
                    help="image encoding sent to the endpoint (jpeg: ~4 ms vs ~95 ms of CPU per 1024x768 photo)")
 
@@ -377,7 +389,7 @@ def _make_unchecked(args: argparse.Namespace) -> Builder:
         tagger_max_new_tokens=args.tagger_max_new_tokens, od_mode=args.od_mode,
         verifier_max_new_tokens=args.verifier_max_new_tokens, api_key_env=args.api_key_env, timeout=args.timeout,
         max_retries=args.max_retries, backoff=args.backoff, max_concurrency=args.max_concurrency,
-        http_image_format=args.http_image_format)
+        http_image_format=args.http_image_format, structured_output=not args.no_structured_output)
 
 
 register_builder("cot", _make, help="grounded CoT corpus from RefSpatial (Florence-2 tagger + VLM verifier)",

@@ -280,7 +280,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Omni3D annotation JSON files ({Dataset}_{split}.json)")
     g.add_argument("--embodiedscan", nargs="+", action="extend", default=[], metavar="FILE",
                    help="EmbodiedScan info pkl files (embodiedscan_infos_{split}.pkl)")
-    g.add_argument("--data-root", type=Path, default=None,
+    g.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                    help="root that Omni3D file_path and EmbodiedScan img_path are relative to")
     add_sample_world_argument(g)
     c = p.add_argument_group("det3d conversion")

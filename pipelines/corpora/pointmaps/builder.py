@@ -1,6 +1,6 @@
 """The point-map corpus: images with N sampled surface points (u, v, X, Y, Z) and point questions.
 
-`gr3d build pointmaps --source embodiedscan|omni3d|rgbd ...` reads posed RGB-D frames with the
+`gr3d build pointmap --source embodiedscan|omni3d|rgbd ...` reads posed RGB-D frames with the
 real-format readers of `pipelines.sources`, decodes their depth (`pipelines.corpora.pointmaps.depth_io`), samples N valid
 pixels seeded by the sample key (`pipelines.corpora.pointmaps.sampling`), back-projects them and writes one sample per
 frame: the original image bytes, `KEY.points.npy` (float32 N x 5: u, v in colour pixels, X, Y, Z in
@@ -181,7 +181,7 @@ def _reader_items(config: dict[str, Any]):
             yield from read(f)
         except SourceError as exc:
             rel = relative_to_root(f, config["data_root"])
-            yield read_reject(make_key("pointmaps", "source_file", rel), "bad_source_file", str(exc))
+            yield read_reject(make_key("pointmap", "source_file", rel), "bad_source_file", str(exc))
 
 
 def _input_of(it: Item, config: dict[str, Any]) -> Item:
@@ -423,7 +423,7 @@ def make_builder(config: dict[str, Any]):
     from pipelines.engine.plan import Builder
 
     sampler = SamplerConfig(**config["sampler"])
-    return Builder("pointmaps", config, iter_inputs, [
+    return Builder("pointmap", config, iter_inputs, [
         ReadFrame(), SamplePoints(sampler),
         Verbalize(sampler, config["points_per_conversation"], config["conversations"], config["keep_depth"]),
     ])  # fmt: skip
@@ -455,12 +455,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also store the depth map (KEY.depth.npy, float32 m) and its K (KEY.depth_k.npy)")
     g.add_argument("--omni3d-image-dir", default="image", help="Omni3D: image folder name replaced by ...")
     g.add_argument("--omni3d-depth-dir", default="depth", help="... this depth folder name (default depth)")
-    g.add_argument("--omni3d-depth-format", choices=DEPTH_FORMATS, default="png_u16")
+    g.add_argument("--omni3d-depth-format", choices=DEPTH_FORMATS, default="png_u16",
+                   help="Omni3D: how the depth files are stored (docs/pointmaps.md)")
     g.add_argument("--omni3d-depth-scale", type=float, default=None, help="stored units per metre (default 1000)")
 
 
 def _make(args: argparse.Namespace):
-    """`gr3d build pointmaps`: option errors surface as `PlanError` (printed cleanly, exit 2)."""
+    """`gr3d build pointmap`: option errors surface as `PlanError` (printed cleanly, exit 2)."""
     from pipelines.engine.plan import PlanError
 
     try:
@@ -489,5 +490,5 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-register_builder("pointmaps", _make, help="point-map corpus: images with sampled surface points (u, v, X, Y, Z)",
+register_builder("pointmap", _make, aliases=("pointmaps",), help="point-map corpus: images with sampled surface points (u, v, X, Y, Z)",
                  add_arguments=_add_arguments)
