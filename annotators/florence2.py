@@ -23,6 +23,11 @@ Beam search matters for grounding: greedy decoding drops or truncates `<loc_k>` 
 often. 1024 tokens is generous (a box costs 4 tokens plus its label, so a busy `<OD>` answer
 of ~100 boxes fits) and the cost is only paid by outputs that are actually long: generation
 stops at EOS. Lower `max_new_tokens` for throughput only if you accept truncated OD lists.
+Whatever the setting, generation is bounded by the decoder's learned positions
+(`text_config.max_position_embeddings`) minus its prompt (the one decoder-start token) plus one
+(the last token is never fed back): past that the position lookup fails with
+`IndexError: index out of range in self` (a runaway output of a real checkpoint, every output of
+a tiny random one). `effective_max_new_tokens` is the bound in use.
 
 Batching: requests are generated `batch_size` at a time (padded prompts, one image copy per
 request). Outputs go through the processor's `post_process_generation`, so boxes are pixels of
@@ -181,6 +186,13 @@ class Florence2Tagger:
         model = Florence2ForConditionalGeneration.from_pretrained(self.model_path, dtype=dtype)
         self.model = model.to(self.device).eval()
         self._torch_dtype = dtype
+        self._position_limit = decoder_token_budget(self.model.config)
+
+    @property
+    def effective_max_new_tokens(self) -> int:
+        """`max_new_tokens`, capped by the decoder's position budget once the model is loaded."""
+        limit = getattr(self, "_position_limit", None)
+        return self.max_new_tokens if limit is None else min(self.max_new_tokens, limit)
 
     def provenance(self) -> dict[str, Any]:
         """What produced the candidates, for the manifest and the audit."""
@@ -210,7 +222,7 @@ class Florence2Tagger:
             with torch.inference_mode():
                 out = self.model.generate(
                     **inputs,
-                    max_new_tokens=self.max_new_tokens,
+                    max_new_tokens=self.effective_max_new_tokens,
                     num_beams=self.num_beams,
                     do_sample=False,
                     **self.generate_kwargs,
@@ -318,6 +330,22 @@ class Florence2Tagger:
                         cands.append(Candidate(raw_text, label, box, "od", None, k))
             out.append(cands)
         return out
+
+
+DECODER_PROMPT_TOKENS = 1  # Florence-2 decoding starts from decoder_start_token_id alone
+
+
+def decoder_token_budget(config: Any) -> int | None:
+    """How many new tokens the BART decoder of a Florence-2 config can generate, or None if unknown.
+
+    Generated sequence = decoder prompt + new tokens; every token but the last is fed back at its
+    position, and positions stop at `max_position_embeddings` (BART's learned table).
+    """
+    text = getattr(config, "text_config", config)
+    n = getattr(text, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= DECODER_PROMPT_TOKENS:
+        return None
+    return n - DECODER_PROMPT_TOKENS + 1
 
 
 # ---------------------------------------------------------------------- tiny checkpoint

@@ -145,10 +145,12 @@ def finalize(build_dir: str | os.PathLike[str], config: Mapping[str, Any], code_
 
     by_corpus: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
     shards = []
     for st in all_stats:
         by_corpus.update(st["by_corpus"])
         by_reason.update(st["rejects_by_reason"])
+        dropped.update(st.get("dropped_by_reason") or {})
         shards.append({"shard": st["shard"], "tar": f"shards/{st['tar']}", "sha256": st["sha256"],
                        "tar_bytes": st["tar_bytes"], "n_input": st["n_input"], "n_samples": st["n_samples"],
                        "n_rejected": st["n_rejected"], "n_reject_rows": st["n_reject_rows"]})
@@ -156,6 +158,7 @@ def finalize(build_dir: str | os.PathLike[str], config: Mapping[str, Any], code_
     manifest = jsonio.to_jsonable({
         "version": 1, "code_version": code_version, "config": dict(config), "n_shards": n, "totals": totals,
         "by_corpus": dict(sorted(by_corpus.items())), "rejects_by_reason": dict(sorted(by_reason.items())),
+        "dropped_by_reason": dict(sorted(dropped.items())),
         "shards": shards,
         "files": {"index.parquet": {"sha256": index_sha, "rows": index.num_rows},
                   "rejects.parquet": {"sha256": rejects_sha, "rows": rejects.num_rows}},

@@ -318,6 +318,7 @@ class _Spooled:
     spool_offset: int
     size: int
     row: dict[str, Any]
+    dropped: dict[str, int] = field(default_factory=dict)  # record source.dropped: annotations left out
 
 
 class ShardWriter:
@@ -391,7 +392,8 @@ class ShardWriter:
         assert self._spool is not None
         off = self._spool.seek(0, os.SEEK_END)
         self._spool.write(blob)
-        self._spooled[key] = _Spooled(key, off, len(blob), self._index_row(key, sample, plain))
+        self._spooled[key] = _Spooled(key, off, len(blob), self._index_row(key, sample, plain),
+                                      dict(plain["source"].get("dropped") or {}))
 
     def add_reject(self, reject: Any) -> None:
         """Record an input (or part of one) that did not become a sample: key, stage, reason, message."""
@@ -475,6 +477,7 @@ class ShardWriter:
             "n_input": int(n_input), "n_samples": len(entries), "n_rejected": len(rejected), "n_reject_rows": len(rej),
             "by_corpus": dict(sorted(Counter(e.row["corpus"] for e in entries).items())),
             "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rej).items())),
+            "dropped_by_reason": dict(sorted(sum((Counter(e.dropped) for e in entries), Counter()).items())),
         }
         if extra:
             stats["extra"] = extra

@@ -202,9 +202,10 @@ def _omni3d(root: Path, files: _Files, outside_rel: str, bad: list[BadInput]) ->
     image(9005, "nan_focal_length", "bad_intrinsics",
           K=[[300.0, 0.0, 160.0], [0.0, float("nan"), 120.0], [0.0, 0.0, 1.0]])  # json writes NaN
     image(9006, "negative_image_size", "bad_image_size", width=-320)
-    image(9007, "negative_box_dimensions", "degenerate_box",
+    # one bad box: that annotation is dropped and counted (Omni3D's is_ignore ignores the object), the image kept
+    image(9007, "negative_box_dimensions", None, dropped="nonpositive_dimensions",
           ann_edit=lambda a: a.__setitem__("dimensions", [-a["dimensions"][0], *a["dimensions"][1:]]))
-    image(9008, "non_orthonormal_rotation", "degenerate_box",
+    image(9008, "non_orthonormal_rotation", None, dropped="degenerate_box",
           ann_edit=lambda a: a.__setitem__("R_cam", (np.asarray(a["R_cam"]) * 1.5).tolist()))
     image(9009, "missing_image", "missing_image", file_path=f"{d}/no_such_file.png")
     image(9010, "image_path_escapes_root", "path_escapes_root", file_path=outside_rel)
@@ -292,13 +293,14 @@ def _embodiedscan(root: Path, files: _Files, outside_rel: str, sentinel: Path, b
     # a scan whose name is a relative path: keys are sanitized, so nothing can land outside the output
     dotdot = {**copy.deepcopy(scan0), "sample_idx": "../../x", "images": [frame("g01")]}
     bad.append(BadInput("path_like_key", "embodiedscan", tuple(Expect(b, key("../../x", "g01"), None) for b in both)))
-    # a visible instance with a negative size: det3d cannot make its box, point maps do not use boxes
+    # a visible instance with a negative size: det3d drops that box (counted) and keeps the frame's others;
+    # point maps do not use boxes
     negbox = {**copy.deepcopy(scan0), "sample_idx": "bad/scene_negbox", "images": [frame("h01")]}
     inst = negbox["instances"][int(frame0["visible_instance_ids"][0])]
     inst["bbox_3d"] = list(inst["bbox_3d"])
     inst["bbox_3d"][3] = -abs(float(inst["bbox_3d"][3]))
     bad.append(BadInput("negative_box_dimensions", "embodiedscan", (
-        Expect("det3d", key("bad/scene_negbox", "h01"), "degenerate_box"),
+        Expect("det3d", key("bad/scene_negbox", "h01"), None, dropped="degenerate_box"),
         Expect("pointmaps", key("bad/scene_negbox", "h01"), None))))
     info["data_list"][1:1] = [bad_scan, dotdot, negbox]
     path.write_bytes(pickle.dumps(info, protocol=2))

@@ -140,3 +140,13 @@ def test_label_matching_and_input_checks(ckpt: Path) -> None:
         Florence2Tagger(str(ckpt)).tag([_img(4, 4)], [])
     with pytest.raises(ValueError):
         Florence2Tagger(str(ckpt), od_mode="sometimes")  # type: ignore[arg-type]
+
+
+def test_default_max_new_tokens_is_bounded_by_the_decoder_positions(ckpt: Path) -> None:
+    """Issue 15: the default 1024 new tokens ran past the tiny decoder's 256 positions (IndexError)."""
+    t = Florence2Tagger(str(ckpt), od_mode="always")  # default num_beams and max_new_tokens
+    assert t.max_new_tokens == 1024
+    out = t.tag([_img(40, 60)], [["a cup"]])
+    assert len(out) == 1 and t.calls == 2
+    assert t.effective_max_new_tokens == 256 == t.model.config.text_config.max_position_embeddings
+    assert Florence2Tagger(str(ckpt), max_new_tokens=12).effective_max_new_tokens == 12

@@ -235,11 +235,19 @@ def test_failed_samples_become_reject_rows_at_compose() -> None:
         ("k1", "assign", "verifier_none"), ("k2", "rewrite", "rewrite_malformed_output")]
 
 
-def test_model_stages_are_gpu_actor_pools_and_cheap_annotators_are_cpu_stages(sample_world) -> None:
+def _fake_checkpoint(path: Path) -> str:
+    """A directory that passes the plan-time checkpoint check (config.json); nothing loads it."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return str(path)
+
+
+def test_model_stages_are_gpu_actor_pools_and_cheap_annotators_are_cpu_stages(sample_world, tmp_path) -> None:
     from pipelines.engine.executors.ray_executor import resource_plan
 
     b = make_cot_builder(FILES, sample_world.root, cache=None, tagger="florence2", verifier="transformers",
-                         tagger_model="/models/Florence-2-large", verifier_model="/models/Qwen2.5-VL-7B", num_gpus=1)
+                         tagger_model=_fake_checkpoint(tmp_path / "models" / "Florence-2-large"),
+                         verifier_model=_fake_checkpoint(tmp_path / "models" / "Qwen2.5-VL-7B"), num_gpus=1)
     st = {s.name: s for s in b.stages}
     assert [s.name for s in b.stages] == ["read", "tag", "verify", "assign", "rewrite", "compose"]
     assert all(st[n].runs_on_actors and st[n].resources.gpus == 1 for n in ("tag", "verify", "rewrite"))
@@ -253,6 +261,36 @@ def test_model_stages_are_gpu_actor_pools_and_cheap_annotators_are_cpu_stages(sa
                          endpoint="http://127.0.0.1:9/v1", verifier_model="m")
     assert not any(s.runs_on_actors for s in o.stages)  # the HTTP client and the oracle need no GPU
     assert "endpoint" not in json.dumps(o.config) and "127.0.0.1" not in json.dumps(o.config)
+
+
+def test_real_data_defaults_are_the_real_annotators_with_one_line_errors(sample_world, tmp_path) -> None:
+    """Issue 15: on real data (no ground_truth.json) the defaults are Florence-2 + a VLM, and what is
+    missing is one line naming the flag, before anything runs; the oracle is only used when asked."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "RefSpatial"
+    (root / "3D").mkdir(parents=True)
+    shutil.copy(sample_world.root / FILES[1], root / "3D" / "choice_qa.json")  # real layout, no ground truth
+
+    def cli(*extra: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "pipelines.cli", "build", "cot", "--refspatial", "3D/choice_qa.json",
+                "--data-root", str(root), "--out", str(tmp_path / "out"), *extra]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+    flo = _fake_checkpoint(tmp_path / "ckpt" / "Florence-2-large")
+    cases = [((), "--tagger-model"), (("--tagger-model", flo), "--verifier-model"),
+             (("--tagger-model", str(tmp_path / "nowhere"), "--verifier-model", flo), "--tagger-model"),
+             (("--tagger-model", flo, "--verifier-model", str(tmp_path / "ckpt")), "--verifier-model"),
+             (("--tagger-model", flo, "--verifier", "openai"), "--endpoint"),
+             (("--tagger", "oracle"), "--ground-truth")]
+    for extra, flag in cases:
+        r = cli(*extra)
+        assert r.returncode == 2, (extra, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and flag in lines[0] and "Traceback" not in r.stderr, (extra, r.stderr)
+    assert "oracle" not in cli().stderr  # the default is not the oracle
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------ OpenAI-compatible HTTP verifier

@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from annotators.florence2 import Florence2Tagger, build_tiny_florence2
 from annotators.testing import ScriptedLogits
@@ -138,3 +139,46 @@ def test_forced_tagger_random_verifier_same_bytes_on_local_ray_beam_and_rebuilds
         run_build(_builder(sample_world.root, o, tiny, **kw), o, ex, chunk_size=4, workers=workers,
                   show_progress=False)
         assert compared_files(o) == ref, ex
+
+
+def test_default_tagger_settings_give_no_exception_rejects(tmp_path: Path, sample_world, tiny) -> None:
+    """Issue 15: at the default --tagger-max-new-tokens (1024) every tiny Florence-2 request failed and
+    every sample became an `exception` reject; generation is now bounded by the decoder's positions."""
+    out = tmp_path / "default"
+    b = _builder(sample_world.root, out, tiny, tagger_max_new_tokens=1024)
+    res = run_build(b, out, "local", chunk_size=4, show_progress=False)
+    n_in, n_ok, n_rej = _totals(res)
+    assert n_in == 11 and n_ok + n_rej == 11
+    assert "exception" not in res.manifest["rejects_by_reason"] and "model_error" not in res.manifest["rejects_by_reason"]
+    assert len(pq.read_table(out / "intermediate" / "tag").to_pylist()) > 0
+
+
+def test_a_model_error_on_one_sample_is_a_model_error_reject(tmp_path: Path, sample_world, tiny, monkeypatch) -> None:
+    """The model failing on one sample's requests rejects that sample (`model_error` + message), not its batch."""
+    from annotators.images import image_sha256
+
+    first = json.loads((sample_world.root / FILES[0]).read_text())[0]
+    rel = first["image"][0] if isinstance(first["image"], list) else first["image"]
+    poison = image_sha256(Image.open(sample_world.root / "sample_world" / rel).convert("RGB"))
+    real = Florence2Tagger._generate
+
+    def failing(self, requests):
+        if any(image_sha256(im) == poison for im, _ in requests):
+            raise IndexError("index out of range in self")
+        return real(self, requests)
+
+    monkeypatch.setattr(Florence2Tagger, "_generate", failing)
+    out = tmp_path / "poison"
+    res = run_build(_builder(sample_world.root, out, tiny), out, "local", chunk_size=4, show_progress=False)
+    rej = pq.read_table(out / "rejects.parquet").to_pylist()
+    errs = [r for r in rej if r["reason"] == "model_error"]
+    assert errs and all(r["stage"] == "tag" for r in errs)
+    assert errs[0]["message"] == "tagger: IndexError: index out of range in self"
+    assert "exception" not in res.manifest["rejects_by_reason"]
+    n_in, n_ok, n_rej = _totals(res)
+    assert n_ok + n_rej == n_in == 11
+    tag = pq.read_table(out / "intermediate" / "tag").to_pylist()  # `_outcome`: "ok" or the reject reason
+    tagged = {r["key"] for r in tag if r["_outcome"] == "ok"}
+    assert {r["key"] for r in tag if r["_outcome"] == "model_error"} == {r["key"] for r in errs}
+    failed = {r["key"] for r in errs}
+    assert len(tagged) + len(failed) == 11 and not tagged & failed  # the samples sharing its batch are tagged

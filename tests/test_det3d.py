@@ -431,9 +431,9 @@ def _damaged_world(world: Any, root: Path) -> tuple[list[Path], list[Path], dict
     for a in anns(2):
         a["valid3D"] = False
     expect[key(2)] = "all_boxes_ignored"
-    anns(3)[0]["dimensions"][1] = -0.4
-    anns(3)[1]["center_cam"][0] = float("nan")
-    expect[key(3)] = "degenerate_box"
+    anns(3)[0]["dimensions"][1] = -0.4  # ignored (nonpositive_dimensions) and NaN (malformed): dropped,
+    anns(3)[1]["center_cam"][0] = float("nan")  # counted, and the image is kept with its other objects
+    expect[key(3)] = None
     d4, img4 = imgs[4]
     d4["annotations"] = [a for a in d4["annotations"] if a["image_id"] != img4["id"]]
     expect[key(4)] = "no_objects"
@@ -454,9 +454,9 @@ def _damaged_world(world: Any, root: Path) -> tuple[list[Path], list[Path], dict
     v0 = scan["images"][0]["visible_instance_ids"][0]
     scan["instances"][v0]["bbox_3d"] = np.asarray(scan["instances"][v0]["bbox_3d"], dtype=np.float64).copy()
     scan["instances"][v0]["bbox_3d"][3] = float("nan")
-    for img in scan["images"]:  # every frame that sees the broken instance
+    for img in scan["images"]:  # every frame that sees the broken instance drops it and keeps the others
         if v0 in img["visible_instance_ids"]:
-            expect[f"embodiedscan/{sidx}/{Path(img['img_path']).stem}"] = "degenerate_box"
+            expect[f"embodiedscan/{sidx}/{Path(img['img_path']).stem}"] = None
     # the first frame of the next scan looks away from everything: every visible box is behind the camera
     scan1 = info["data_list"][1]
     flip = np.diag([-1.0, 1.0, -1.0, 1.0])
@@ -472,23 +472,73 @@ def test_bad_inputs_become_reject_rows_with_specific_reasons(sample_world: Any, 
     res = _build(b, tmp_path / "out")
     rej = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
     got = {r["key"]: r["reason"] for r in rej}
+    recs = {r["key"]: r for r in _samples(tmp_path / "out")}
     for k, reason in expect.items():
         assert got.get(k) == reason, (k, got.get(k), [r for r in rej if r["key"] == k])
+        if reason is None:
+            assert recs[k]["objects"], k
+    (omni_kept,) = [k for k, r in expect.items() if r is None and k.startswith("omni3d/")]
+    d = recs[omni_kept]["source"]["dropped"]
+    assert d["malformed_center_cam"] >= 1 and d["nonpositive_dimensions"] >= 1
+    es_kept = [k for k, r in expect.items() if r is None and k.startswith("embodiedscan/")]
+    assert es_kept and all(recs[k]["source"]["dropped"].get("degenerate_box") == 1 for k in es_kept)
+    # the drops are summed in the shard stats and the manifest
+    assert res.manifest["dropped_by_reason"]["degenerate_box"] == len(es_kept)
+    assert res.manifest["dropped_by_reason"]["nonpositive_dimensions"] >= 1
     assert got[[k for k in got if k.startswith("det3d/source_file/")][0]] == "bad_source_file"
-    msg = next(r["message"] for r in rej if r["reason"] == "degenerate_box" and r["key"].startswith("omni3d"))
-    assert "non-positive dimensions" in msg and "NaN" in msg
     stages = {r["reason"]: r["stage"] for r in rej}
     assert stages["bad_intrinsics"] == "read" and stages["missing_image"] == "det3d_read"
-    assert stages["degenerate_box"] == "det3d_convert"
     t = res.manifest["totals"]
     assert t["n_samples"] + t["n_rejected"] == t["n_input"]
     assert t["n_samples"] == 2 * sample_world.manifest["counts"]["views"] - sum(
-        1 for k in expect if "/annotation/" not in k)
+        1 for k, r in expect.items() if "/annotation/" not in k and r is not None)
     assert not [str(p) for p in verify_build(tmp_path / "out")]
     # objects dropped inside a written image are counted in its source, never lost silently
     for rec in _samples(tmp_path / "out"):
         src = rec["source"]
         assert src["n_annotations"] == len(rec["objects"]) + sum(src["dropped"].values())
+
+
+def _omni_item(anns: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"key": "omni3d/X/1", "format": "omni3d", "source": {"dataset": "X", "file": "f", "id": "1"},
+            "K": [[300.0, 0, 160], [0, 300.0, 120], [0, 0, 1]], "annotations": anns}
+
+
+def _omni_ann(i: int, **edit: Any) -> dict[str, Any]:
+    from pipelines.sources.omni3d import TRAIN_RULES, ignore_reasons
+
+    a = {"id": i, "category_name": "chair", "valid3D": True, "center_cam": [0.0, 0.0, 3.0],
+         "dimensions": [0.5, 0.8, 0.6], "R_cam": np.eye(3).tolist(), "bbox2D_proj": [100.0, 60.0, 220.0, 200.0],
+         "bbox2D_trunc": [100.0, 60.0, 220.0, 200.0], "truncation": 0.0, "visibility": 1.0, "behind_camera": False,
+         "lidar_pts": 50, "segmentation_pts": 500, "depth_error": 0.0, **edit}  # fmt: skip
+    a["bbox3D_cam"] = box_corners(np.array([0.0, 0.0, 3.0]), np.array([0.5, 0.8, 0.6]), np.eye(3)).tolist()
+    reasons = ignore_reasons(a, 240.0, TRAIN_RULES)
+    return {**a, "ignore": bool(reasons), "ignore_reasons": reasons}
+
+
+def test_one_ignorable_omni3d_annotation_does_not_reject_its_image() -> None:
+    """Issue 15: `dimensions: [0.0, 0.5, 0.7]` once rejected the whole image as degenerate_box."""
+    anns = [_omni_ann(1), _omni_ann(2, dimensions=[0.0, 0.5, 0.7]),
+            _omni_ann(3, R_cam=(np.eye(3) * 1.5).tolist()), _omni_ann(4, center_cam=[float("nan"), 0.0, 3.0])]
+    rec = convert_item(_omni_item(anns), "png", 320, 240, Det3dConfig())
+    assert len(rec["objects"]) == 1 and rec["objects"][0]["object_id"] == "1"
+    assert rec["source"]["dropped"] == {"degenerate_box": 1, "malformed_center_cam": 1, "nonpositive_dimensions": 1}
+    assert rec["source"]["n_annotations"] == 4
+    records.validate("det3d", rec)
+
+
+def test_image_is_rejected_only_when_nothing_usable_remains() -> None:
+    bad_r = (np.eye(3) * 1.5).tolist()
+    with pytest.raises(ConvertReject) as ei:
+        convert_item(_omni_item([_omni_ann(1, R_cam=bad_r), _omni_ann(2, R_cam=bad_r)]), "png", 320, 240,
+                     Det3dConfig())
+    assert ei.value.reason == "degenerate_box"
+    assert ei.value.message.startswith("none of the 2 boxes is usable") and "not a rotation" in ei.value.message
+    with pytest.raises(ConvertReject) as ei:
+        convert_item(_omni_item([_omni_ann(1, R_cam=bad_r), _omni_ann(2, dimensions=[0.0, 0.5, 0.7])]), "png",
+                     320, 240, Det3dConfig())
+    assert ei.value.reason == "all_boxes_ignored"
+    assert "all 2 boxes were dropped: degenerate_box=1, nonpositive_dimensions=1" in ei.value.message
 
 
 def test_convert_rejects_unknown_labels_only_as_drops() -> None:

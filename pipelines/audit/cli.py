@@ -117,6 +117,9 @@ def _dispatch(ns: argparse.Namespace) -> int:
         print(f"report: {out / 'report.html'}\naudit.json: {out / 'audit.json'}")
         print(f"inputs {f['n_input']}  written {f['n_written']}  reject rows {f['n_reject_rows']}  "
               f"figures {len(doc['figures'])}")
+        if f.get("dropped_annotations"):
+            print("annotations dropped inside written samples: "
+                  + ", ".join(f"{k}={v}" for k, v in f["dropped_annotations"].items()))
         g = (doc.get("agreement") or {}).get("ground_truth")
         if g:
             def pct(v: float | None) -> str:

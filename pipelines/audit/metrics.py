@@ -122,9 +122,13 @@ def funnel(b: BuildData) -> dict[str, Any]:
     steps.append({"step": "written", "count": len(b.records)})
     for s in steps:
         s["fraction"] = _ratio(s["count"], n_input)
+    # annotations left out of written samples (ignore rules, unusable boxes): record source.dropped
+    dropped: Counter[str] = Counter()
+    for r in b.records.values():
+        dropped.update((r.get("source") or {}).get("dropped") or {})
     return {"n_input": n_input, "n_written": len(b.records), "n_rejected": int(totals.get("n_rejected", 0)),
             "n_reject_rows": len(b.rejects), "stages": stages, "rejects": rejects, "steps": steps,
-            "mention_steps": mention_steps}
+            "mention_steps": mention_steps, "dropped_annotations": dict(sorted(dropped.items()))}
 
 
 # ============================================================================ cot: matching to ground truth

@@ -73,6 +73,9 @@ class BuildResult:
                          f"  (reject rows: {t.get('n_reject_rows')})  shards: {m.get('n_shards')}")
         if m.get("rejects_by_reason"):
             lines.append("rejects by reason: " + ", ".join(f"{k}={v}" for k, v in m["rejects_by_reason"].items()))
+        if m.get("dropped_by_reason"):
+            lines.append("annotations dropped in written samples: "
+                         + ", ".join(f"{k}={v}" for k, v in m["dropped_by_reason"].items()))
         agg = aggregate_stats(self.build_dir, len(self.plan.chunks))
         for name, c in agg["stages"].items():
             lines.append(f"  stage {name}: in={c.get('in', 0)} out={c.get('out', 0)} rejected={c.get('rejected', 0)}")

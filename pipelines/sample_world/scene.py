@@ -240,12 +240,47 @@ def _intrinsics(rng: np.random.Generator, width: int, height: int, hfov_deg: flo
 _HFOVS = (52.0, 60.0, 68.0, 78.0)
 
 
+MIN_FLOOR_OBJECTS = 3  # a scene needs at least this many floor objects (views and RefSpatial questions)
+MAX_ATTEMPTS = 64  # placement retries per scene; each attempt has its own sub-seed
+
+
+class PlacementError(RuntimeError):
+    """One placement attempt of a scene could not fit its objects or cameras (the scene is retried)."""
+
+
+def scene_rng(seed: int, index: int, attempt: int) -> np.random.Generator:
+    """The generator of placement attempt `attempt` of scene `index`.
+
+    Attempt 0 keeps the sub-seed (seed, index, 0) that scenes have always used, so a scene that places at
+    the first try is unchanged; retries get (seed, index, 0, attempt), a stream of their own. The scene is
+    therefore still a function of (seed, index) alone.
+    """
+    key = [int(seed), int(index), 0] + ([int(attempt)] if attempt else [])
+    return np.random.default_rng(np.random.SeedSequence(key))
+
+
 def make_scene(seed: int, index: int, n_views: int, width: int, height: int) -> Scene:
-    """Build scene `index` of a world; the scene depends only on (seed, index), never on other scenes."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 0]))
+    """Build scene `index` of a world; the scene depends only on (seed, index), never on other scenes.
+
+    Random placement can fail (a small room, large furniture); a failed attempt is retried with the next
+    sub-seed of `scene_rng`, deterministically, so any (seed, index) gives a scene.
+    """
+    errors: list[str] = []
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            return _make_scene_attempt(scene_rng(seed, index, attempt), index, n_views, width, height)
+        except PlacementError as e:
+            errors.append(str(e))
+    raise RuntimeError(f"scene {index}: placement failed in all {MAX_ATTEMPTS} attempts (last: {errors[-1]})")
+
+
+def _make_scene_attempt(rng: np.random.Generator, index: int, n_views: int, width: int, height: int) -> Scene:
     room = np.array([rng.uniform(4.0, 7.0), rng.uniform(4.0, 7.0), WALL_HEIGHT])
     n_total = int(rng.integers(3, MAX_OBJECTS + 1))
-    n_top = int(rng.integers(0, min(3, n_total - 2) + 1))
+    # at most n_total - MIN_FLOOR_OBJECTS objects on top: drawing up to n_total - 2 (as before) left scenes
+    # with 2 floor objects, which could never reach the minimum (about 1 scene in 10 failed). The draw is
+    # kept and clamped, so every scene that placed before is unchanged.
+    n_top = min(int(rng.integers(0, min(3, n_total - 2) + 1)), n_total - MIN_FLOOR_OBJECTS)
     colours = [COLOURS[i] for i in rng.permutation(len(COLOURS))[:n_total]]
     objs: list[Obj] = []
     supports = [c for c in FLOOR_CATEGORIES if c.support]
@@ -258,8 +293,8 @@ def make_scene(seed: int, index: int, n_views: int, width: int, height: int) -> 
         o = _place_floor_object(rng, cat, objs, room, len(objs), colours[len(objs)])
         if o is not None:
             objs.append(o)
-    if len(objs) < 3:
-        raise RuntimeError(f"scene {index}: could only place {len(objs)} objects")
+    if len(objs) < MIN_FLOOR_OBJECTS:
+        raise PlacementError(f"scene {index}: could only place {len(objs)} of {n_floor} floor objects")
     for _ in range(n_top):
         cat = TOP_CATEGORIES[int(rng.integers(len(TOP_CATEGORIES)))]
         o = _place_top_object(rng, cat, objs, len(objs), colours[len(objs)])
@@ -321,7 +356,7 @@ def _place_camera(
         if n_in >= min(3, len(objs)):
             break
     if best is None:
-        raise RuntimeError(f"could not place a camera looking at object {focus.index}")
+        raise PlacementError(f"could not place a camera looking at object {focus.index}")
     return best
 
 

@@ -19,10 +19,13 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing as mp
 import pickle
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -186,16 +189,22 @@ def _pad4(K: np.ndarray) -> np.ndarray:
 
 
 def generate(out: str | Path, scenes: int = 20, views: int = 4, seed: int = 0, width: int = 640,
-             height: int = 480) -> dict[str, Any]:
+             height: int = 480, workers: int = 1, progress: TextIO | None = None) -> dict[str, Any]:
     """Write a sample world to `out` and return its manifest (also written as `sample_world.json`).
 
-    Deterministic: the same arguments give byte-identical files. Existing generated folders in
-    `out` are replaced, other files are left alone.
+    Deterministic: the same arguments give byte-identical files, whatever `workers` is. Scenes are
+    rendered by `workers` processes (each scene depends only on (seed, index) and writes its own
+    folders); the format files that span scenes are assembled here in scene order. Existing generated
+    folders in `out` are replaced, other files are left alone. `progress`: a stream for progress lines.
     """
     if scenes < 1 or views < 1 or views > 999:
         raise ValueError(f"need scenes >= 1 and 1 <= views <= 999, got scenes={scenes}, views={views}")
     if width < 32 or height < 32 or width % 2 or height % 2:
         raise ValueError(f"width and height must be even and >= 32, got {width}x{height}")
+    if workers < 1:
+        raise ValueError(f"need workers >= 1, got {workers}")
+    if seed < 0:
+        raise ValueError(f"need seed >= 0, got {seed}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for d in ("sample_world", "Omni3D", "embodiedscan", "RefSpatial", "rgbd"):
@@ -208,103 +217,29 @@ def generate(out: str | Path, scenes: int = 20, views: int = 4, seed: int = 0, w
     mentions_gt: list[dict[str, Any]] = []
     gt_scenes = []
     n_ann = 0
-    for si in range(scenes):
-        scene = make_scene(seed, si, views, width, height)
-        split = _split_of(si, scenes)
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), si, 1]))
-        rc = build_raycaster(scene)
+    meter = _SceneProgress(scenes, progress)
+    for part in _render_scenes(str(out), seed, scenes, views, width, height, workers):
+        split = part["split"]
         f = omni.setdefault(split, {
             "info": {"id": DATASET_IDS[split], "source": DATASET_IDS[split], "name": f"{DATASET} {split}",
                      "split": split, "version": "0.1", "url": ""},
             "images": [], "categories": [{"id": OMNI3D_ID[c], "name": c, "supercategory": ""} for c in cats],
             "annotations": [],
         })  # fmt: skip
-        es_images, gt_views = [], []
-        for view in scene.views:
-            rel = f"sample_world/{scene.scene_id}/{{}}/{view.index:06d}.png"
-            rend = render(rc, view.K, view.cam2world, view.width, view.height)
-            dmm = depth_to_mm(rend.depth)
-            half = render(rc, view.depth_K, view.cam2world, view.depth_width, view.depth_height, colour=False)
-            _save_png(out / rel.format("image"), rend.rgb)
-            _save_png(out / rel.format("depth"), dmm)
-            _save_png(out / rel.format("instance"), rend.label)
-            _save_png(out / rel.format("depth_half"), depth_to_mm(half.depth))
-            rs_depth = f"{scene.scene_id}_{view.index:06d}_depth.png"
-            _save_png(out / "RefSpatial/3D/depth" / rs_depth, relative_depth_vis(rend.depth))
-            rgbd_dir = out / "rgbd" / scene.scene_id
-            rgbd_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out / rel.format("image"), rgbd_dir / f"{view.index:06d}.png")
-            np.save(rgbd_dir / f"{view.index:06d}.depth.npy", rend.depth.astype(np.float32))
-            _dump_json(rgbd_dir / f"{view.index:06d}.json", {"K": _r(view.K)})
-
-            objs = analyse_view(scene, view, rend.label, dmm, rng)
-            image_id = 1 + si * 1000 + view.index
-            f["images"].append({
-                "id": image_id, "dataset_id": DATASET_IDS[split], "width": view.width, "height": view.height,
-                "file_path": rel.format("image"), "K": _r(view.K), "src_90_rotate": 0, "src_flagged": False,
-            })  # fmt: skip
-            for a in objs:
-                o = a["object"]
-                f["annotations"].append(_r({
-                    "id": image_id * 100 + o.index, "image_id": image_id, "dataset_id": DATASET_IDS[split],
-                    "category_id": OMNI3D_ID[o.category], "category_name": o.category, "valid3D": True,
-                    "bbox2D_tight": [-1, -1, -1, -1], "bbox2D_proj": a["bbox2D_proj"], "bbox2D_trunc": a["bbox2D_trunc"],
-                    "bbox3D_cam": a["bbox3D_cam"], "center_cam": a["center_cam"], "dimensions": a["dimensions"],
-                    "R_cam": a["R_cam"], "behind_camera": a["behind_camera"], "visibility": a["visibility"],
-                    "truncation": a["truncation"], "segmentation_pts": a["segmentation_pts"],
-                    "lidar_pts": a["lidar_pts"], "depth_error": a["depth_error"],
-                }))  # fmt: skip
-                n_ann += 1
-            img_entry: dict[str, Any] = {
-                "img_path": rel.format("image"), "depth_path": rel.format("depth_half"),
-                "cam2global": invert_pose(scene.axis_align_matrix) @ view.cam2world,
-                "visible_instance_ids": [a["object"].index for a in objs if a["segmentation_pts"] > 0],
-            }  # fmt: skip
-            if scene.per_view_intrinsics:
-                img_entry["cam2img"] = _pad4(view.K)
-            es_images.append(img_entry)
-
-            # RefSpatial: objects big enough to talk about (and to find again in the image)
-            min_px = max(40, int(0.0005 * view.width * view.height))
-            refs = [rt.Referable(a["object"].index, a["object"].category, a["object"].colour,
-                                 float(a["center_cam"][2]), a["centroid_u"], a["points"])
-                    for a in objs if a["segmentation_pts"] >= min_px]  # fmt: skip
-            rt.assign_names(refs, [a["object"].category for a in objs if a["segmentation_pts"] > 0], rng)
-            by_index = {a["object"].index: a for a in objs}
-            rs_image = f"{scene.scene_id}/image/{view.index:06d}.png"
-            made = [("reasoning_template_qa", rt.point_record(refs, rng, view.width, view.height))]
-            made.append(("choice_qa", rt.choice_record(refs, rng, view.width)))
-            for fname, res in made:
-                if res is None:
-                    continue
-                conv, ments = res[0], res[1]
-                recs = rs_files[fname]
-                rid = f"sw_{scene.scene_id}_{view.index:06d}_{fname.split('_')[0]}"
-                as_list = len(recs) % 2 == 0  # both layouts of real dumps: list and plain str
-                recs.append({"id": rid, "image": [rs_image] if as_list else rs_image,
-                             "depth": [rs_depth] if as_list else rs_depth, "conversations": conv})  # fmt: skip
-                for m in ments:
-                    a = by_index[m.index]
-                    bx = a["bbox_visible"]
-                    mentions_gt.append(_r({
-                        "file": f"RefSpatial/3D/{fname}.json", "record_index": len(recs) - 1, "record_id": rid,
-                        "turn": m.turn, "start": m.start, "end": m.end, "text": m.text,
-                        "object_id": _object_id(scene, a["object"]), "object_index": m.index,
-                        "category": a["object"].category, "colour": a["object"].colour,
-                        "view_id": f"{scene.scene_id}/{view.index:06d}", "image": rel.format("image"),
-                        "bbox_px": bx, "bbox_norm": [bx[0] / view.width, bx[1] / view.height,
-                                                     bx[2] / view.width, bx[3] / view.height],
-                    }))  # fmt: skip
-            gt_views.append(_gt_view(scene, view, rel, rs_depth, image_id, objs))
-        es.setdefault(split, []).append({
-            "sample_idx": f"sample_world/{scene.scene_id}",
-            "axis_align_matrix": scene.axis_align_matrix.copy(),
-            "cam2img": _pad4(scene.views[0].K), "depth_cam2img": _pad4(scene.views[0].depth_K),
-            "images": es_images,
-            "instances": [{"bbox_3d": o.es_bbox_3d(), "bbox_label_3d": ES_CATEGORIES[o.category], "bbox_id": o.bbox_id}
-                          for o in scene.objects],
-        })  # fmt: skip
-        gt_scenes.append(_gt_scene(scene, split, gt_views))
+        f["images"].extend(part["omni_images"])
+        f["annotations"].extend(part["omni_annotations"])
+        n_ann += len(part["omni_annotations"])
+        for fname, rid, rs_image, rs_depth, conv, ments in part["refspatial"]:
+            recs = rs_files[fname]
+            as_list = len(recs) % 2 == 0  # both layouts of real dumps: list and plain str
+            recs.append({"id": rid, "image": [rs_image] if as_list else rs_image,
+                         "depth": [rs_depth] if as_list else rs_depth, "conversations": conv})  # fmt: skip
+            for m in ments:
+                m["record_index"] = len(recs) - 1
+                mentions_gt.append(m)
+        es.setdefault(split, []).append(part["embodiedscan"])
+        gt_scenes.append(part["ground_truth"])
+        meter.done()
 
     files: dict[str, Any] = {"omni3d": [], "embodiedscan": [], "refspatial": [], "rgbd": "rgbd"}
     for split in ("train", "val"):
@@ -338,6 +273,148 @@ def generate(out: str | Path, scenes: int = 20, views: int = 4, seed: int = 0, w
     }  # fmt: skip
     _dump_json(out / "sample_world.json", manifest, indent=1)
     return manifest
+
+
+def _render_scenes(out: str, seed: int, scenes: int, views: int, width: int, height: int,
+                   workers: int) -> Iterator[dict[str, Any]]:
+    """Each scene's part (see `_scene_part`), in scene order; rendered in `workers` processes when > 1.
+
+    Worker processes are spawned, not forked: the parent may already hold Open3D/Embree threads (a
+    script calling `generate(workers > 1)` therefore needs the usual `if __name__ == "__main__":` guard).
+    In-process parts make the same pickle round trip as a worker's: the EmbodiedScan pickle writes shared
+    objects once and then by reference, so its bytes follow object identity, which must not depend on
+    where a scene was rendered.
+    """
+    jobs = [(out, seed, si, scenes, views, width, height) for si in range(scenes)]
+    n = min(workers, scenes)
+    if n <= 1:
+        yield from (pickle.loads(pickle.dumps(_scene_part(*j))) for j in jobs)
+        return
+    with mp.get_context("spawn").Pool(n) as pool:
+        yield from pool.imap(_scene_part_star, jobs, chunksize=1)
+
+
+def _scene_part_star(job: tuple) -> dict[str, Any]:
+    return _scene_part(*job)
+
+
+def _scene_part(out_s: str, seed: int, si: int, scenes: int, views: int, width: int, height: int) -> dict[str, Any]:
+    """Render scene `si`, write its own files (images, depth, RGB-D folder) and return its share of the
+    files that span scenes: Omni3D images/annotations, its EmbodiedScan entry, its RefSpatial records
+    as (file, id, image, depth, conversations, mentions) -- the record layout and `record_index` depend
+    on the records before it and are set by the caller -- and its ground truth."""
+    out = Path(out_s)
+    scene = make_scene(seed, si, views, width, height)
+    split = _split_of(si, scenes)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), si, 1]))
+    rc = build_raycaster(scene)
+    omni_images: list[dict[str, Any]] = []
+    omni_anns: list[dict[str, Any]] = []
+    refspatial: list[tuple] = []
+    es_images, gt_views = [], []
+    for view in scene.views:
+        rel = f"sample_world/{scene.scene_id}/{{}}/{view.index:06d}.png"
+        rend = render(rc, view.K, view.cam2world, view.width, view.height)
+        dmm = depth_to_mm(rend.depth)
+        half = render(rc, view.depth_K, view.cam2world, view.depth_width, view.depth_height, colour=False)
+        _save_png(out / rel.format("image"), rend.rgb)
+        _save_png(out / rel.format("depth"), dmm)
+        _save_png(out / rel.format("instance"), rend.label)
+        _save_png(out / rel.format("depth_half"), depth_to_mm(half.depth))
+        rs_depth = f"{scene.scene_id}_{view.index:06d}_depth.png"
+        _save_png(out / "RefSpatial/3D/depth" / rs_depth, relative_depth_vis(rend.depth))
+        rgbd_dir = out / "rgbd" / scene.scene_id
+        rgbd_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / rel.format("image"), rgbd_dir / f"{view.index:06d}.png")
+        np.save(rgbd_dir / f"{view.index:06d}.depth.npy", rend.depth.astype(np.float32))
+        _dump_json(rgbd_dir / f"{view.index:06d}.json", {"K": _r(view.K)})
+
+        objs = analyse_view(scene, view, rend.label, dmm, rng)
+        image_id = 1 + si * 1000 + view.index
+        omni_images.append({
+            "id": image_id, "dataset_id": DATASET_IDS[split], "width": view.width, "height": view.height,
+            "file_path": rel.format("image"), "K": _r(view.K), "src_90_rotate": 0, "src_flagged": False,
+        })  # fmt: skip
+        for a in objs:
+            o = a["object"]
+            omni_anns.append(_r({
+                "id": image_id * 100 + o.index, "image_id": image_id, "dataset_id": DATASET_IDS[split],
+                "category_id": OMNI3D_ID[o.category], "category_name": o.category, "valid3D": True,
+                "bbox2D_tight": [-1, -1, -1, -1], "bbox2D_proj": a["bbox2D_proj"], "bbox2D_trunc": a["bbox2D_trunc"],
+                "bbox3D_cam": a["bbox3D_cam"], "center_cam": a["center_cam"], "dimensions": a["dimensions"],
+                "R_cam": a["R_cam"], "behind_camera": a["behind_camera"], "visibility": a["visibility"],
+                "truncation": a["truncation"], "segmentation_pts": a["segmentation_pts"],
+                "lidar_pts": a["lidar_pts"], "depth_error": a["depth_error"],
+            }))  # fmt: skip
+        img_entry: dict[str, Any] = {
+            "img_path": rel.format("image"), "depth_path": rel.format("depth_half"),
+            "cam2global": invert_pose(scene.axis_align_matrix) @ view.cam2world,
+            "visible_instance_ids": [a["object"].index for a in objs if a["segmentation_pts"] > 0],
+        }  # fmt: skip
+        if scene.per_view_intrinsics:
+            img_entry["cam2img"] = _pad4(view.K)
+        es_images.append(img_entry)
+
+        # RefSpatial: objects big enough to talk about (and to find again in the image)
+        min_px = max(40, int(0.0005 * view.width * view.height))
+        refs = [rt.Referable(a["object"].index, a["object"].category, a["object"].colour,
+                             float(a["center_cam"][2]), a["centroid_u"], a["points"])
+                for a in objs if a["segmentation_pts"] >= min_px]  # fmt: skip
+        rt.assign_names(refs, [a["object"].category for a in objs if a["segmentation_pts"] > 0], rng)
+        by_index = {a["object"].index: a for a in objs}
+        rs_image = f"{scene.scene_id}/image/{view.index:06d}.png"
+        made = [("reasoning_template_qa", rt.point_record(refs, rng, view.width, view.height))]
+        made.append(("choice_qa", rt.choice_record(refs, rng, view.width)))
+        for fname, res in made:
+            if res is None:
+                continue
+            conv, ments = res[0], res[1]
+            rid = f"sw_{scene.scene_id}_{view.index:06d}_{fname.split('_')[0]}"
+            rows = []
+            for m in ments:
+                a = by_index[m.index]
+                bx = a["bbox_visible"]
+                rows.append(_r({
+                    "file": f"RefSpatial/3D/{fname}.json", "record_index": None, "record_id": rid,
+                    "turn": m.turn, "start": m.start, "end": m.end, "text": m.text,
+                    "object_id": _object_id(scene, a["object"]), "object_index": m.index,
+                    "category": a["object"].category, "colour": a["object"].colour,
+                    "view_id": f"{scene.scene_id}/{view.index:06d}", "image": rel.format("image"),
+                    "bbox_px": bx, "bbox_norm": [bx[0] / view.width, bx[1] / view.height,
+                                                 bx[2] / view.width, bx[3] / view.height],
+                }))  # fmt: skip
+            refspatial.append((fname, rid, rs_image, rs_depth, conv, rows))
+        gt_views.append(_gt_view(scene, view, rel, rs_depth, image_id, objs))
+    es_entry = {
+        "sample_idx": f"sample_world/{scene.scene_id}",
+        "axis_align_matrix": scene.axis_align_matrix.copy(),
+        "cam2img": _pad4(scene.views[0].K), "depth_cam2img": _pad4(scene.views[0].depth_K),
+        "images": es_images,
+        "instances": [{"bbox_3d": o.es_bbox_3d(), "bbox_label_3d": ES_CATEGORIES[o.category], "bbox_id": o.bbox_id}
+                      for o in scene.objects],
+    }  # fmt: skip
+    return {"split": split, "omni_images": omni_images, "omni_annotations": omni_anns, "refspatial": refspatial,
+            "embodiedscan": es_entry, "ground_truth": _gt_scene(scene, split, gt_views)}
+
+
+class _SceneProgress:
+    """`[gr3d] sample-world: scene 120/1000 12% 1.90/s ETA 0:07:43` on a stream, at most every 5 s and at the end."""
+
+    def __init__(self, total: int, stream: TextIO | None, interval: float = 5.0):
+        self.total, self.stream, self.interval = total, stream, interval
+        self.n = 0
+        self.t0 = self.last = time.monotonic()
+
+    def done(self) -> None:
+        self.n += 1
+        now = time.monotonic()
+        if self.stream is None or (now - self.last < self.interval and self.n < self.total):
+            return
+        self.last = now
+        rate = self.n / max(now - self.t0, 1e-6)
+        eta = int((self.total - self.n) / rate)
+        print(f"[gr3d] sample-world: scene {self.n}/{self.total} {100 * self.n / self.total:.0f}% {rate:.2f}/s "
+              f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", file=self.stream, flush=True)
 
 
 CONVENTIONS = {

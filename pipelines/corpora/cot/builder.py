@@ -148,6 +148,23 @@ def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
 
 
 # ============================================================================ builder
+def _check_checkpoint(model: str, flag: str) -> None:
+    """Fail at plan time, in one line naming `flag`, when a local checkpoint is missing.
+
+    A hub id (`namespace/name`, nothing more) is left to the loader; anything that reads as a path
+    (absolute, `./`, `~`, deeper than one slash, or present on disk) must be a directory with a
+    `config.json`. Otherwise the run would start workers and fail in every one of them.
+    """
+    p = Path(model).expanduser()
+    pathlike = p.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or p.exists()
+    if not pathlike:
+        return
+    if not p.is_dir():
+        raise ValueError(f"{flag} {model}: no checkpoint directory there (pass {flag} DIR of a downloaded checkpoint)")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{flag} {model}: not a transformers checkpoint (no config.json in it)")
+
+
 def make_cot_builder(
     refspatial: Sequence[str | os.PathLike[str]],
     data_root: str | os.PathLike[str],
@@ -215,6 +232,10 @@ def make_cot_builder(
     if verifier == "openai" and not ((endpoint or os.environ.get("OPENAI_BASE_URL")) and verifier_model):
         raise ValueError("--verifier openai needs --endpoint URL (or OPENAI_BASE_URL) and --verifier-model NAME "
                          "(the served model)")
+    if tagger == "florence2":
+        _check_checkpoint(str(tagger_model), "--tagger-model")
+    if verifier == "transformers":
+        _check_checkpoint(str(verifier_model), "--verifier-model")
 
     files = resolve_refspatial_files(refspatial, root, image_root, depth_root)
     if cache is True:

@@ -29,6 +29,9 @@ REJECT_REASONS: dict[str, str] = {
     "grammar_tokens_in_text": "the source text already contains <bbox>/<region>/<3d_box> tokens",
     "point_out_of_range": "a point answer lies outside [0, 1]",
     "no_mentions": "no object mention in the reasoning/answer turns",
+    # tag
+    "model_error": "the tagger model failed on this sample's requests (message: 'tagger: <type>: <message>'); "
+                   "a failing batch is re-tagged one sample at a time",
     # assign (per the first failing mention, or the whole sample)
     "no_candidates": "the tagger proposed no box for a mention",
     "verifier_none": "the verifier said none of the candidates is the mentioned object",

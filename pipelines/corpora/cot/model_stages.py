@@ -24,17 +24,38 @@ class TagStage(_ModelStage):
         super().__init__(spec, cache_path, gpus, torch_threads, batch_size)
         self.max_candidates = max_candidates
 
-    def process(self, batch: list[Item]) -> tuple[list[Item], list[Reject]]:
-        images = [_load_rgb(it["image_path"]) for it in batch]
-        mentions = [[_mention_of(it, e) for e in it["entities"]] for it in batch]
+    def _tag(self, images: list[Any], mentions: list[list[Any]]) -> list[Any]:
         try:
-            tagged = self.annotator.tag(images, mentions)
+            return self.annotator.tag(images, mentions)
         except StageSetupError:
             raise
         except (OSError, ImportError) as exc:  # a lazily loaded model that cannot load: fatal
             raise self._unavailable(exc) from exc
+
+    def process(self, batch: list[Item]) -> tuple[list[Item], list[Reject]]:
+        """Tag the batch; when the model fails on it, tag each sample alone so that only the samples
+        whose own request fails become `model_error` rejects (with the model's message), not the batch."""
+        images = [_load_rgb(it["image_path"]) for it in batch]
+        mentions = [[_mention_of(it, e) for e in it["entities"]] for it in batch]
+        rejects: list[Reject] = []
+        try:
+            tagged = self._tag(images, mentions)
+        except StageSetupError:
+            raise
+        except Exception:  # noqa: BLE001 - a model error: find the samples it belongs to
+            tagged = []
+            for it, im, ms in zip(batch, images, mentions):
+                try:
+                    tagged.append(self._tag([im], [ms])[0])
+                except StageSetupError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the model failed on this sample's requests
+                    tagged.append(None)
+                    rejects.append(Reject(it["key"], self.name, "model_error", f"tagger: {type(exc).__name__}: {exc}"))
         out = []
         for it, cands in zip(batch, tagged):
+            if cands is None:
+                continue
             per: list[list[dict[str, Any]]] = [[] for _ in it["entities"]]
             for c in cands:
                 box = [float(v) for v in c.box_xyxy_px]
@@ -45,7 +66,7 @@ class TagStage(_ModelStage):
                     lst.append({"label": str(c.label), "box_px": box, "source": str(c.source),
                                 "score": None if c.score is None else float(c.score)})
             out.append({**it, "candidates": per})
-        return out, []
+        return out, rejects
 
     def to_rows(self, outputs: list[Item]) -> list[dict[str, Any]]:
         rows = []

@@ -50,9 +50,12 @@ __all__ = [
     "image_header",
 ]
 
-# Omni3D ignore reasons that mean "not a usable object" whatever its geometry: such a box is dropped
-# (counted) even when its numbers are junk, instead of rejecting the whole image as degenerate.
+# Omni3D ignore reasons that mean "not a usable object" whatever its geometry: the count of a dropped box
+# goes under the first of these it has, else under its first reason.
 _HARD_IGNORE = ("invalid_3d", "ignore_category", "behind_camera")
+# Drop reason of an annotation whose numbers cannot make a box (and that no ignore rule flagged): the
+# annotation is dropped and counted, its image keeps its other objects.
+DEGENERATE = "degenerate_box"
 _EYE = np.eye(3)
 
 
@@ -227,8 +230,9 @@ def omni3d_objects(item: Mapping[str, Any], width: int, height: int) -> tuple[li
     """Objects of an Omni3D image: (kept, dropped counts by reason, degenerate-box messages).
 
     Drops what the reader's ignore rules flagged (one count per object, under its first hard reason, else
-    its first reason). A box that is not flagged for a hard reason but whose numbers cannot make a box
-    is reported as degenerate: the caller rejects the image, whose annotation is then corrupt.
+    its first reason), as Cube R-CNN's `is_ignore` ignores the object, not the image (a zero dimension is
+    `nonpositive_dimensions`). An unflagged annotation whose numbers cannot make a box is dropped as
+    `degenerate_box` and its message kept; the image keeps its other objects.
     """
     kept: list[DetObject] = []
     dropped: Counter = Counter()
@@ -238,15 +242,16 @@ def omni3d_objects(item: Mapping[str, Any], width: int, height: int) -> tuple[li
         hard = [r for r in reasons if r in _HARD_IGNORE]
         if a.get("valid3D") is False and "invalid_3d" not in hard:
             hard.append("invalid_3d")
-        if hard:
-            dropped[hard[0]] += 1
+        if hard or reasons:
+            dropped[(hard or reasons)[0]] += 1
             continue
         why = _degenerate(a.get("center_cam"), a.get("dimensions"), a.get("R_cam"))
         if why is not None:
+            dropped[DEGENERATE] += 1
             degenerate.append(f"annotation {a.get('id')!r}: {why}")
             continue
-        if reasons or not isinstance(a.get("category_name"), str):
-            dropped[reasons[0] if reasons else "malformed_category_name"] += 1
+        if not isinstance(a.get("category_name"), str):
+            dropped["malformed_category_name"] += 1
             continue
         trunc = box4(a.get("bbox2D_trunc"))
         box = _clip_box(trunc, width, height) if trunc is not None else None
@@ -276,7 +281,8 @@ def embodiedscan_objects(item: Mapping[str, Any], width: int, height: int,
 
     Each visible instance's world box is moved into the camera (T = axis_align_matrix @ cam2global) in
     Omni3D axes; dropped when its label is not in `metainfo.categories`, when a corner has z <= min_z
-    (behind the camera) or when its silhouette misses the image.
+    (behind the camera) or when its silhouette misses the image. A box whose numbers cannot make a box
+    is dropped as `degenerate_box` (message kept), not its frame.
     """
     K = np.asarray(item["K"], dtype=np.float64)
     T = np.asarray(item["T"], dtype=np.float64)
@@ -285,6 +291,7 @@ def embodiedscan_objects(item: Mapping[str, Any], width: int, height: int,
     degenerate: list[str] = []
     for b in item.get("invalid_instances", []):  # visible, but the reader could not use them
         if str(b.get("reason", "")).startswith("bbox_3d"):
+            dropped[DEGENERATE] += 1
             degenerate.append(f"instance {b.get('index')}: {b['reason']}")
         else:  # a label that is not an int: like an unknown category, the object is dropped
             dropped["bad_label"] += 1
@@ -295,6 +302,7 @@ def embodiedscan_objects(item: Mapping[str, Any], width: int, height: int,
         try:
             center, dims, R = es_box_to_omni_camera(inst["bbox_3d"], T)
         except ValueError as exc:
+            dropped[DEGENERATE] += 1
             degenerate.append(f"instance {inst.get('index')}: {exc}")
             continue
         corners = box_corners(center, dims, R)
@@ -443,8 +451,10 @@ def convert_item(item: Mapping[str, Any], image_ext: str, width: int, height: in
                  cfg: Det3dConfig) -> dict[str, Any]:
     """One reader item (format omni3d | embodiedscan) -> its `det3d` record, or raise `ConvertReject`.
 
-    Rejects: degenerate_box (an object's numbers cannot make a box), no_objects (the image has no
-    annotation), all_boxes_ignored (every annotation was dropped; the message counts why).
+    An annotation that the ignore rules drop or whose numbers cannot make a box is dropped and counted;
+    the image is rejected only when nothing usable remains. Rejects: no_objects (the image has no
+    annotation), degenerate_box (every annotation's numbers are unusable as a box), all_boxes_ignored
+    (every annotation was dropped, for other reasons too); their messages count the drops by reason.
     `source` of the record gets `n_annotations` and `dropped` (counts by reason), so no object is lost
     without a trace.
     """
@@ -455,15 +465,17 @@ def convert_item(item: Mapping[str, Any], image_ext: str, width: int, height: in
         objects, dropped, degenerate = embodiedscan_objects(item, width, height, cfg.min_z)
     else:
         raise ConvertReject("unknown_format", f"item format {fmt!r} is neither omni3d nor embodiedscan")
-    if degenerate:
-        more = f" (+{len(degenerate) - 3} more)" if len(degenerate) > 3 else ""
-        raise ConvertReject("degenerate_box", "; ".join(degenerate[:3]) + more)
     n_ann = len(objects) + sum(dropped.values())
     if not objects:
         if n_ann == 0:
             raise ConvertReject("no_objects", "the image has no annotated object")
         why = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()))
-        raise ConvertReject("all_boxes_ignored", f"all {n_ann} boxes were dropped: {why}")
+        if dropped[DEGENERATE] == n_ann:
+            more = f" (+{len(degenerate) - 3} more)" if len(degenerate) > 3 else ""
+            raise ConvertReject(DEGENERATE, f"none of the {n_ann} boxes is usable: "
+                                            + "; ".join(degenerate[:3]) + more)
+        detail = f"; {degenerate[0]}" if degenerate else ""
+        raise ConvertReject("all_boxes_ignored", f"all {n_ann} boxes were dropped: {why}{detail}")
     source = dict(item["source"])
     source["n_annotations"] = n_ann
     source["dropped"] = dict(sorted(dropped.items()))
