@@ -112,8 +112,8 @@ def test_scale_zero_is_the_oracle_and_draws_are_deterministic(synth: tuple[Path,
     # the verifier at scale 0 decides as the oracle does
     ov, sv = OracleVerifier(gt_path), SimVerifier(gt_path, noise_scale=0.0)
     gt = load_ground_truth(gt_path)
-    for m, cs in zip(ms[:60], [x for cs in a for x in cs][:60]):
-        cands = [cs.box_xyxy_px, gt[(m.record_id, m.turn, m.start, m.end)].box_xyxy_px]
+    for m, cand in zip(ms[:60], [x for per in a for x in per][:60]):
+        cands = [cand.box_xyxy_px, gt[(m.record_id, m.turn, m.start, m.end)].box_xyxy_px]
         assert sv.verify(img, m, cands).choice == ov.verify(img, m, cands).choice
 
 
