@@ -69,7 +69,7 @@ def truth_from_records(build: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def sim_build(sample_world: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("pipelines.cot")
+    pytest.importorskip("pipelines.corpora.cot.builder")
     return _build(sample_world, tmp_path_factory.mktemp("sim") / "cot", "--verifier", "sim", "--noise-scale", "2",
                   "--allow-partial")
 
