@@ -92,7 +92,7 @@ def test_audit_equals_injected_truth_within_its_intervals(sim_build: Path, tmp_p
     assert ve["precision_before"] == pytest.approx(truth["precision_first"], abs=0.05)
     assert ve["n_caught"] > 0 and ve["precision_after"] > ve["precision_before"]  # the verifier helped here
     html = (tmp_path / "rep" / "report.html").read_text()
-    assert "What the verifier did" in html and "Caught errors" in html
+    assert "What the verifier did" in html and "Caught errors" in html and "Simulated annotators" in html
 
 
 def test_sim_build_is_deterministic_and_recorded_in_the_manifest(sim_build: Path, sample_world: Any,

@@ -58,7 +58,7 @@ def _build_info(b: BuildData) -> dict[str, Any]:
         "manifest_sha256": b.manifest_sha256, "n_shards": int(b.manifest.get("n_shards", len(b.stats))),
         "corpora": b.corpora, "totals": dict(b.manifest.get("totals") or {}),
         "perturbation": cfg.get("perturbation"),
-        "annotators": {k: cfg.get(k) for k in ("tagger", "tagger_model", "verifier", "verifier_model", "rewrite")
+        "annotators": {k: cfg.get(k) for k in ("tagger", "tagger_model", "verifier", "verifier_model", "rewrite", "sim")
                        if k in cfg} or None,
     }
 
@@ -158,6 +158,10 @@ def render_html(doc: Mapping[str, Any], figs: Sequence[Any], gallery: Sequence[M
              f"<h1>Annotation-noise audit</h1><p class=muted>build <code>{_e(b['path'])}</code> &middot; "
              f"{_e(b['code_version'])} &middot; manifest sha256 <code>{_e(b['manifest_sha256'][:16])}</code></p>",
              f"<div>{_kpis(doc)}</div>"]
+    sim = (b.get("annotators") or {}).get("sim")
+    if sim:
+        parts.append(f"<p><b>Simulated annotators</b> (noise scale {_e(sim['noise_scale'])}, seed {_e(sim['seed'])}): "
+                     "the errors were injected at known rates and recorded in the intermediates.</p>")
     if b.get("perturbation"):
         p = b["perturbation"]
         parts.append("<p><b>This build is a perturbed copy</b>: " + _e(", ".join(
