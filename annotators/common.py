@@ -11,7 +11,7 @@ from typing import Literal, NamedTuple
 
 __all__ = ["Candidate", "Mention", "MentionLike", "mention_text", "Source"]
 
-Source = Literal["phrase_grounding", "od", "oracle"]
+Source = Literal["phrase_grounding", "od", "oracle", "sim"]
 
 
 class Candidate(NamedTuple):
@@ -20,7 +20,8 @@ class Candidate(NamedTuple):
     `box_xyxy_px` is in pixels of the ORIGINAL image (x1, y1, x2, y2, x2 >= x1, y2 >= y1).
     `mention_index` is the index of the mention in that image's mention list: mention texts can
     repeat within an image, the index cannot. `score` is None when the source gives none
-    (Florence-2's post-processing returns no scores).
+    (Florence-2's post-processing returns no scores). `note` is what a simulated tagger did to make
+    this box (`annotators.sim`: correct, wrong_instance, duplicate, ...); None for real taggers.
     """
 
     mention: str
@@ -29,6 +30,7 @@ class Candidate(NamedTuple):
     source: Source
     score: float | None = None
     mention_index: int = -1
+    note: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """`gr3d demo`: the whole system on the embedded sample world, printing where each output is.
 
 It runs the same commands a user runs, in order, through `pipelines.cli.main`:
-sample world -> det3d, pointmaps and cot builds (oracle annotators, then the real Florence-2 / VLM code
-paths on tiny random-weight models built offline) -> `shards verify` -> audit report -> a short tiny-model
-training -> Omni3D evaluation. Every step resumes: a re-run skips finished shards and checkpoints.
+sample world -> det3d, pointmaps and cot builds (oracle annotators; simulated annotators with realistic,
+recorded errors; then the real Florence-2 / VLM code paths on tiny random-weight models built offline) ->
+`shards verify` -> audit report of the simulated-annotator build (the oracle build would audit at 100 %)
+-> a short tiny-model training -> Omni3D evaluation. Every step resumes: a re-run skips finished shards and checkpoints.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
                   "--ground-truth", str(world / "ground_truth.json")]
     _step("cot build (oracle annotators)", [*cot_common, "--tagger", "oracle", "--verifier", "oracle",
                                             "--out", str(builds / "cot"), *ex], outputs)
+    _step("cot build (simulated annotators, realistic noise)", [*cot_common, "--tagger", "sim", "--verifier", "sim",
+                                                                "--out", str(builds / "cot_sim"), *ex], outputs)
     if not args.skip_models:
         from annotators.florence2 import build_tiny_florence2
         from annotators.vlm import build_tiny_vlm
@@ -77,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
                "--verifier", "transformers", "--verifier-model", str(models / "vlm"),
                "--out", str(builds / "cot_models"), "--executor", "local", "--chunk-size", "16", "--quiet"],
               outputs)
-    for name in ["det3d", "pointmap", "cot"]:
+    for name in ["det3d", "pointmap", "cot", "cot_sim"]:
         _step(f"verify {name}", ["shards", "verify", str(builds / name)], outputs)
-    _step("audit (cot, against ground truth)", ["audit", str(builds / "cot"), "--out", str(out / "audit"),
+    _step("audit (cot with simulated annotators, against ground truth)",
+          ["audit", str(builds / "cot_sim"), "--out", str(out / "audit"),
                                                 "--ground-truth", str(world / "ground_truth.json")], outputs)
     run_dir = out / "train"
     # Stage 2 (detection CoT) is what the evaluator prompts; stage 1's tasks are covered by the tests.
@@ -99,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
         ("det3d corpus", builds / "det3d"),
         ("point-map corpus", builds / "pointmap"),
         ("grounded CoT corpus (oracle)", builds / "cot"),
+        ("grounded CoT corpus (simulated annotators)", builds / "cot_sim"),
         ("grounded CoT corpus (tiny models)", builds / "cot_models"),
-        ("audit report", out / "audit" / "report.html"),
+        ("audit report (simulated-annotator build)", out / "audit" / "report.html"),
         ("training run (metrics.jsonl, loss.png, checkpoints)", run_dir),
         ("evaluation", out / "eval" / "det3d_eval.json"),
     ]

@@ -32,12 +32,14 @@ from pipelines.audit.stats import (
     GROUNDED,
     IOU_EDGES,
     IOU_THRESHOLD,
+    MAX_LISTED,
     STAGE_ORDER,
     _json_list,
     _ok_rows,
     _ratio,
     histogram,
     summary,
+    wilson_interval,
 )
 from schemas.boxes import box_iou
 
@@ -304,7 +306,8 @@ def agreement(b: BuildData, rows: list[dict[str, Any]] | None = None) -> dict[st
         return None
     rows = written_mentions(b) if rows is None else rows
     out: dict[str, Any] = {"iou_threshold": IOU_THRESHOLD, "n_written": len(rows), "ground_truth": None,
-                           "tagger": None, "verifier": None, "written_vs_tagger": None, "histograms": {}}
+                           "tagger": None, "verifier": None, "verify_effect": None, "written_vs_tagger": None,
+                           "histograms": {}}
     thr = IOU_THRESHOLD
     # -- written vs tagger (no ground truth needed)
     wt = [r["iou_tagger"] for r in rows if r["iou_tagger"] is not None]
@@ -357,7 +360,9 @@ def agreement(b: BuildData, rows: list[dict[str, Any]] | None = None) -> dict[st
         "file": str(b.ground_truth_path) if b.ground_truth_path else None,
         "n_written": len(rows), "n_written_matched": sum(1 for r in rows if r["gt_row"] is not None),
         "n_written_correct": n_tp_w, "precision": _ratio(n_tp_w, len(rows)),
+        "precision_ci": list(wilson_interval(n_tp_w, len(rows))) if rows else None,
         "n_gt": len(gt_scope), "n_gt_recalled": n_rec, "recall": _ratio(n_rec, len(gt_scope)),
+        "recall_ci": list(wilson_interval(n_rec, len(gt_scope))) if gt_scope else None,
         "mean_iou": float(np.mean(ious)) if ious else None,
         "category_agreement": _ratio(sum(1 for r in rows if r["gt_category"] == r["category"]),
                                      sum(1 for r in rows if r["gt_category"] is not None)),
@@ -372,6 +377,7 @@ def agreement(b: BuildData, rows: list[dict[str, Any]] | None = None) -> dict[st
     # -- tagger and verifier vs ground truth, per entity
     top1, best, verif = [], [], []
     v_correct = v_n = v_chosen_ok = v_chosen = v_possible = v_possible_ok = 0
+    effect: dict[str, list[dict[str, Any]]] = {"caught": [], "missed": [], "lost": [], "kept": []}
     for ek, e in ents.items():
         if not e["spans"] or not e["w"]:
             continue
@@ -386,6 +392,16 @@ def agreement(b: BuildData, rows: list[dict[str, Any]] | None = None) -> dict[st
         top1.append(cand_ious[0] if cand_ious else 0.0)
         best.append(max(cand_ious, default=0.0))
         v = ver.get(ek)
+        if v is not None and cand_ious:
+            iv_c = (box_iou([float(x) for x in v["chosen_box_norm"]], gb)
+                    if v.get("chosen_box_norm") is not None else None)
+            first_ok, chose_ok = cand_ious[0] >= thr, iv_c is not None and iv_c >= thr
+            kind = ("kept" if chose_ok else "lost") if first_ok else ("missed" if iv_c is not None and not chose_ok
+                                                                       else "caught")
+            effect[kind].append({"key": ek[0], "mention_index": ek[1], "category": e["category"],
+                                 "text": e["spans"][0][3], "first_iou": round(cand_ious[0], 4),
+                                 "chosen_iou": None if iv_c is None else round(iv_c, 4),
+                                 "decision": v["decision"], "n_candidates": len(cand_ious)})
         if v is not None:
             possible = any(x >= thr for x in cand_ious)
             v_n += 1
@@ -407,8 +423,17 @@ def agreement(b: BuildData, rows: list[dict[str, Any]] | None = None) -> dict[st
         out["histograms"]["tagger_best_vs_gt"] = histogram(best, IOU_EDGES)
     if v_n:
         out["verifier"] = {**(out["verifier"] or {}), "n_with_gt": v_n, "accuracy": v_correct / v_n,
+                           "accuracy_ci": list(wilson_interval(v_correct, v_n)),
                            "precision": _ratio(v_chosen_ok, v_chosen), "recall": _ratio(v_possible_ok, v_possible)}
         out["histograms"]["verifier_vs_gt"] = histogram(verif, IOU_EDGES)
+        n_eff = sum(len(x) for x in effect.values())
+        n_first_ok = len(effect["kept"]) + len(effect["lost"])
+        out["verify_effect"] = {
+            "n": n_eff, "precision_before": _ratio(n_first_ok, n_eff),
+            "precision_after": _ratio(v_chosen_ok, v_chosen),
+            **{f"n_{k}": len(x) for k, x in effect.items()},
+            **{k: x[:MAX_LISTED] for k, x in effect.items() if k != "kept"},
+        }
     return out
 
 

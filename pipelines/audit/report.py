@@ -58,7 +58,7 @@ def _build_info(b: BuildData) -> dict[str, Any]:
         "manifest_sha256": b.manifest_sha256, "n_shards": int(b.manifest.get("n_shards", len(b.stats))),
         "corpora": b.corpora, "totals": dict(b.manifest.get("totals") or {}),
         "perturbation": cfg.get("perturbation"),
-        "annotators": {k: cfg.get(k) for k in ("tagger", "tagger_model", "verifier", "verifier_model", "rewrite")
+        "annotators": {k: cfg.get(k) for k in ("tagger", "tagger_model", "verifier", "verifier_model", "rewrite", "sim")
                        if k in cfg} or None,
     }
 
@@ -102,6 +102,10 @@ def _kpis(doc: Mapping[str, Any]) -> str:
     g = a.get("ground_truth")
     if g:
         items += [("precision@0.5 vs GT", _fmt(g["precision"], True)), ("recall@0.5 vs GT", _fmt(g["recall"], True))]
+        ve = a.get("verify_effect")
+        if ve and ve.get("n"):
+            items.append(("precision before -> after verify",
+                          f"{_fmt(ve['precision_before'], True)} -> {_fmt(ve['precision_after'], True)}"))
     if a.get("written_vs_tagger"):
         items.append(("written = tagger box", _fmt(a["written_vs_tagger"]["agree_at_0_5"], True)))
     if doc.get("rewrite"):
@@ -109,6 +113,30 @@ def _kpis(doc: Mapping[str, Any]) -> str:
     if doc.get("det3d") and doc["det3d"].get("n_objects"):
         items.append(("3D outliers", f"{doc['det3d']['n_outliers']} / {doc['det3d']['n_objects']}"))
     return "".join(f'<span class=kpi><b>{_e(v)}</b>{_e(k)}</span>' for k, v in items)
+
+
+def _verify_effect_html(ve: Mapping[str, Any] | None) -> str:
+    """Where the verifier helped: precision of the tagger's first box vs of the verifier's choice, and the
+    caught / missed / lost errors (tables: a caught error's sample is usually rejected, so it has no shard
+    image to draw)."""
+    if not ve or not ve["n"]:
+        return ""
+    head = (f'<h3 id=verify-effect>What the verifier did</h3><p>Precision@0.5 of the tagger\'s first box '
+            f'<b>{_e(_fmt(ve["precision_before"], True))}</b> (what an unverified build writes) &rarr; of the '
+            f'verifier\'s choice <b>{_e(_fmt(ve["precision_after"], True))}</b>, over {ve["n"]} mentions with '
+            f'candidates: {ve["n_caught"]} wrong first boxes caught (a right box chosen instead, or refused), '
+            f'{ve["n_missed"]} wrong boxes accepted, {ve["n_lost"]} right first boxes lost (refused or swapped for '
+            f'a wrong one), {ve["n_kept"]} right first boxes kept.</p>')
+    cols = ["key", "#", "mention", "category", "first box IoU", "chosen IoU", "decision", "candidates"]
+    body = []
+    for kind, title in (("caught", "Caught errors"), ("missed", "Missed errors (accepted wrong boxes)"),
+                        ("lost", "Lost right boxes")):
+        ex = ve.get(kind) or []
+        if ex:
+            body.append(f"<h4>{_e(title)}</h4>" + _table(cols, [
+                [x["key"], x["mention_index"], x["text"], x["category"], x["first_iou"], x["chosen_iou"],
+                 x["decision"], x["n_candidates"]] for x in ex[:20]]))
+    return head + "".join(body)
 
 
 def render_html(doc: Mapping[str, Any], figs: Sequence[Any], gallery: Sequence[Mapping[str, Any]]) -> str:
@@ -130,6 +158,10 @@ def render_html(doc: Mapping[str, Any], figs: Sequence[Any], gallery: Sequence[M
              f"<h1>Annotation-noise audit</h1><p class=muted>build <code>{_e(b['path'])}</code> &middot; "
              f"{_e(b['code_version'])} &middot; manifest sha256 <code>{_e(b['manifest_sha256'][:16])}</code></p>",
              f"<div>{_kpis(doc)}</div>"]
+    sim = (b.get("annotators") or {}).get("sim")
+    if sim:
+        parts.append(f"<p><b>Simulated annotators</b> (noise scale {_e(sim['noise_scale'])}, seed {_e(sim['seed'])}): "
+                     "the errors were injected at known rates and recorded in the intermediates.</p>")
     if b.get("perturbation"):
         p = b["perturbation"]
         parts.append("<p><b>This build is a perturbed copy</b>: " + _e(", ".join(
@@ -170,6 +202,7 @@ def render_html(doc: Mapping[str, Any], figs: Sequence[Any], gallery: Sequence[M
         if v.get("decisions"):
             parts.append(f"<p>Verifier decisions: {_e(v['decisions'])}; chose the tagger's first candidate in "
                          f"{_e(_fmt(v.get('chose_first_candidate'), True))} of its choices.</p>")
+        parts.append(_verify_effect_html(a.get("verify_effect")))
         if not g:
             parts.append("<p class=muted>No ground truth found (pass <code>--ground-truth</code> for a sample-world "
                          "build): agreement with the truth is not measured.</p>")

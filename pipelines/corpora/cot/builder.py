@@ -204,6 +204,9 @@ def make_cot_builder(
     structured_output: bool = True,
     tagger_kwargs: dict[str, Any] | None = None,
     verifier_kwargs: dict[str, Any] | None = None,
+    noise_scale: float = 1.0,
+    sim_seed: int = 0,
+    sim_rates: dict[str, float] | None = None,
 ) -> Builder:
     """The cot Builder (Python API of `gr3d build cot`; see the module docstring for the stages).
 
@@ -211,20 +214,30 @@ def make_cot_builder(
     puts it there; False/None disables it. `tagger_kwargs`/`verifier_kwargs` pass extra arguments to
     the annotators (e.g. `generate_kwargs`), for tests and experiments. The config (recorded in the
     manifest; its digest guards resumes) holds what changes the output: files, annotators, models,
-    thresholds, prompt versions; not the endpoint URL, the cache path or batch sizes.
+    thresholds, prompt versions; not the endpoint URL, the cache path or batch sizes. `--tagger sim` /
+    `--verifier sim` (annotators.sim) take `noise_scale`, `sim_seed` and `sim_rates` (overrides of
+    `annotators.sim.SIM_RATES`), recorded in the config under "sim".
     """
     from annotators.prompts import PROMPT_VERSION, TAGGER_VERSION
 
-    if tagger not in ("florence2", "oracle"):
-        raise ValueError(f"--tagger must be florence2|oracle, got {tagger!r}")
-    if verifier not in ("transformers", "openai", "oracle", "none"):
-        raise ValueError(f"--verifier must be transformers|openai|oracle|none, got {verifier!r}")
+    if tagger not in ("florence2", "oracle", "sim"):
+        raise ValueError(f"--tagger must be florence2|oracle|sim, got {tagger!r}")
+    if verifier not in ("transformers", "openai", "oracle", "sim", "none"):
+        raise ValueError(f"--verifier must be transformers|openai|oracle|sim|none, got {verifier!r}")
     if rewrite not in ("generic", "all", "none"):
         raise ValueError(f"--rewrite must be generic|all|none, got {rewrite!r}")
     root = Path(data_root).resolve()
     gt = str(Path(ground_truth).resolve()) if ground_truth else str(root / "ground_truth.json")
-    if "oracle" in (tagger, verifier) and not Path(gt).is_file():
-        raise FileNotFoundError(f"the oracle needs the ground truth: {gt} not found (--ground-truth)")
+    uses_gt = bool({"oracle", "sim"} & {tagger, verifier})
+    if uses_gt and not Path(gt).is_file():
+        raise FileNotFoundError(f"the oracle/sim annotators need the ground truth: {gt} not found (--ground-truth)")
+    sim_config = None
+    if "sim" in (tagger, verifier):
+        from annotators.sim import _rates
+
+        sim_config = _rates(noise_scale, sim_seed, sim_rates).as_config()  # validates the rates
+        sim_kw = {"gt_path": gt, "noise_scale": float(noise_scale), "seed": int(sim_seed),
+                  "rates": dict(sim_config["rates"])}
     if tagger == "florence2" and not tagger_model:
         raise ValueError("--tagger florence2 needs --tagger-model PATH (a florence-community/Florence-2-* checkpoint)")
     if verifier == "transformers" and not verifier_model:
@@ -255,6 +268,8 @@ def make_cot_builder(
                "batch_size": tagger_batch_size, "od_mode": od_mode, "max_od_candidates": max_candidates,
                "dtype": dtype, **(tagger_kwargs or {})}
         tspec = AnnotatorSpec("florence2", tkw, local_model=True)
+    elif tagger == "sim":
+        tspec = AnnotatorSpec("sim", sim_kw, cached=False)
     else:
         tspec = AnnotatorSpec("oracle", {"gt_path": gt}, cached=False)
     stages: list[Stage] = [
@@ -277,6 +292,8 @@ def make_cot_builder(
         vspec = AnnotatorSpec("openai", vkw)
     elif verifier == "oracle":
         vspec = AnnotatorSpec("oracle", {"gt_path": gt}, cached=False)
+    elif verifier == "sim":
+        vspec = AnnotatorSpec("sim", sim_kw, cached=False)
     if vspec is not None:
         stages.append(VerifyStage(vspec, cache_path, gpus(vspec.local_model), torch_threads,
                                   min_confidence=min_confidence))
@@ -303,7 +320,7 @@ def make_cot_builder(
         "tagger": tagger, "tagger_model": model_name(tagger_model) if tagger == "florence2" else None,
         "verifier": verifier, "verifier_model": model_name(verifier_model) if verifier in ("transformers", "openai")
         else None,
-        "ground_truth": gt if "oracle" in (tagger, verifier) else None,
+        "ground_truth": gt if uses_gt else None,
         "decoding": {"num_beams": num_beams, "tagger_max_new_tokens": tagger_max_new_tokens, "od_mode": od_mode,
                      "verifier_max_new_tokens": verifier_max_new_tokens,
                      "http_image_format": http_image_format if verifier == "openai" else None,
@@ -313,6 +330,8 @@ def make_cot_builder(
         "extra_nouns": sorted(set(extra_nouns)),
         "versions": {"prompt": PROMPT_VERSION, "tagger": TAGGER_VERSION, "mentions": "rules-v1", "cot": "cot-v1"},
     }
+    if sim_config is not None:  # only then: the digests of other builds stay as they were
+        config["sim"] = sim_config
     return Builder("cot", config, iter_inputs, stages)
 
 
@@ -332,9 +351,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--question-only", action="store_true",
                    help="only ground mentions whose category the question names")
     g = p.add_argument_group("cot: annotators")
-    g.add_argument("--tagger", choices=("florence2", "oracle"), default="florence2",
-                   help="florence2: the Florence-2 model; oracle: the sample world's ground truth (tests, demo)")
-    g.add_argument("--verifier", choices=("transformers", "openai", "oracle", "none"), default="transformers",
+    g.add_argument("--tagger", choices=("florence2", "oracle", "sim"), default="florence2",
+                   help="florence2: the Florence-2 model; oracle: the sample world's ground truth (tests, demo); "
+                   "sim: the ground truth with simulated, recorded errors")
+    g.add_argument("--verifier", choices=("transformers", "openai", "oracle", "sim", "none"), default="transformers",
                    help="none keeps the tagger's boxes unverified (and rewrites nothing)")
     g.add_argument("--tagger-model", default=None, help="Florence-2 checkpoint directory (native transformers)")
     g.add_argument("--verifier-model", default=None,
@@ -351,6 +371,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep samples where some mentions stay ungrounded (default: every mention must ground)")
     g.add_argument("--max-candidates", type=int, default=8, help="candidate boxes per mention at most")
     g.add_argument("--cache", default=None, help=f"response cache file (default: OUT/{CACHE_RELPATH})")
+    _add_sim_arguments(p)
     g.add_argument("--no-cache", action="store_true", help="no response cache")
     g = p.add_argument_group("cot: model execution")
     g.add_argument("--device", default="auto", help="auto (CUDA when the worker sees a GPU) | cpu | cuda")
@@ -373,6 +394,19 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "json_schema; sent by default, dropped by itself when the endpoint refuses it)")
     g.add_argument("--http-image-format", choices=("png", "jpeg"), default="png",
                    help="image encoding sent to the endpoint (jpeg: ~4 ms vs ~95 ms of CPU per 1024x768 photo)")
+
+
+def _add_sim_arguments(p: argparse.ArgumentParser) -> None:
+    """`--noise-scale`, `--sim-seed` and one `--sim-RATE` per entry of annotators.sim.SIM_RATES."""
+    from annotators.sim import SIM_RATES
+
+    g = p.add_argument_group("cot: simulated annotators (--tagger sim / --verifier sim; docs/annotators.md)")
+    g.add_argument("--noise-scale", type=float, default=1.0,
+                   help="multiplies every sim error rate and the box deviation (0 = oracle, 1 = realistic default)")
+    g.add_argument("--sim-seed", type=int, default=0, help="seed of the simulated errors (with each mention's key)")
+    for name, (default, text) in SIM_RATES.items():
+        g.add_argument(f"--sim-{name.replace('_', '-')}", dest=f"sim_{name}", type=float, default=None,
+                       metavar="P", help=f"{text} (default {default})")
 
 
 def _make(args: argparse.Namespace) -> Builder:
@@ -410,7 +444,14 @@ def _make_unchecked(args: argparse.Namespace) -> Builder:
         tagger_max_new_tokens=args.tagger_max_new_tokens, od_mode=args.od_mode,
         verifier_max_new_tokens=args.verifier_max_new_tokens, api_key_env=args.api_key_env, timeout=args.timeout,
         max_retries=args.max_retries, backoff=args.backoff, max_concurrency=args.max_concurrency,
-        http_image_format=args.http_image_format, structured_output=not args.no_structured_output)
+        http_image_format=args.http_image_format, structured_output=not args.no_structured_output,
+        noise_scale=args.noise_scale, sim_seed=args.sim_seed, sim_rates=_sim_rates_of(args))
+
+
+def _sim_rates_of(args: argparse.Namespace) -> dict[str, float]:
+    from annotators.sim import SIM_RATES
+
+    return {k: float(v) for k, v in ((k, getattr(args, f"sim_{k}", None)) for k in SIM_RATES) if v is not None}
 
 
 register_builder("cot", _make, help="grounded CoT corpus from RefSpatial (Florence-2 tagger + VLM verifier)",

@@ -52,8 +52,9 @@ class TagStage(_ModelStage):
                 except Exception as exc:  # noqa: BLE001 - the model failed on this sample's requests
                     tagged.append(None)
                     rejects.append(Reject(it["key"], self.name, "model_error", f"tagger: {type(exc).__name__}: {exc}"))
+        explain = getattr(self.annotator, "explain", None)  # simulated taggers say what they injected
         out = []
-        for it, cands in zip(batch, tagged):
+        for it, cands, ms in zip(batch, tagged, mentions):
             if cands is None:
                 continue
             per: list[list[dict[str, Any]]] = [[] for _ in it["entities"]]
@@ -64,24 +65,31 @@ class TagStage(_ModelStage):
                 lst = per[c.mention_index]
                 if len(lst) < self.max_candidates and all(d["box_px"] != box for d in lst):
                     lst.append({"label": str(c.label), "box_px": box, "source": str(c.source),
-                                "score": None if c.score is None else float(c.score)})
-            out.append({**it, "candidates": per})
+                                "score": None if c.score is None else float(c.score),
+                                "note": getattr(c, "note", None)})
+            injected = None
+            if explain is not None:
+                size = (float(it["width"]), float(it["height"]))
+                injected = [None if (x := explain(m, size)) is None else json.dumps(x, sort_keys=True) for m in ms]
+            out.append({**it, "candidates": per, "injected": injected})
         return out, rejects
 
     def to_rows(self, outputs: list[Item]) -> list[dict[str, Any]]:
         rows = []
         for it in outputs:
             for i, (e, cands) in enumerate(zip(it["entities"], it["candidates"])):
+                inj = it.get("injected")
                 base = {"key": it["key"], "record_id": it["id"], "mention_index": i, "mention_text": e["text"],
                         "category": e["category"], "spans": json.dumps(e["spans"]), "n_candidates": len(cands),
-                        "image_width": it["width"], "image_height": it["height"]}
+                        "image_width": it["width"], "image_height": it["height"],
+                        "injected": inj[i] if inj else None}
                 if not cands:
                     rows.append({**base, "candidate_index": None, "label": None, "box_px": None, "box_norm": None,
-                                 "source": None, "score": None})
+                                 "source": None, "score": None, "note": None})
                 for j, c in enumerate(cands):
                     rows.append({**base, "candidate_index": j, "label": c["label"], "box_px": c["box_px"],
                                  "box_norm": _norm_box(c["box_px"], it["width"], it["height"]),
-                                 "source": c["source"], "score": c["score"]})
+                                 "source": c["source"], "score": c["score"], "note": c.get("note")})
         return rows
 
     def from_rows(self, inputs: list[Item], rows: list[dict[str, Any]]) -> list[Item]:
@@ -96,7 +104,8 @@ class TagStage(_ModelStage):
             for r in sorted(by_key[it["key"]], key=lambda r: (r["mention_index"], r["candidate_index"] or 0)):
                 if r["candidate_index"] is not None:
                     per[r["mention_index"]].append({"label": r["label"], "box_px": [float(v) for v in r["box_px"]],
-                                                    "source": r["source"], "score": r["score"]})
+                                                    "source": r["source"], "score": r["score"],
+                                                    "note": r.get("note")})
             out.append({**it, "candidates": per})
         return out
 
