@@ -2,7 +2,7 @@
 
 Both sides run the same tiny random-weight models on CPU (a native Florence-2 and a LLaVA-style chat VLM
 built offline), with the same decoding settings and the same batching:
-- `pipeline`: `run_build(make_cot_builder(...), executor="local")` from the RefSpatial JSON to finished
+- `pipeline`: `run_build(make_cot_builder(CotConfig(...)), executor="local")` from the RefSpatial JSON to finished
   shards: reading and checking records, mention extraction, image decoding in every model stage, the
   Florence-2 tag stage, the VLM verify stage, the Hungarian assignment, composing, the response cache
   (a fresh sqlite file per run), the intermediate Parquet of every stage, shards, manifest.
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from annotators.common import Candidate
     from annotators.florence2 import Florence2Tagger, build_tiny_florence2
     from annotators.vlm import TransformersVLM, VerifyRequest, build_tiny_vlm
-    from pipelines.corpora.cot.builder import list_inputs, make_cot_builder
+    from pipelines.corpora.cot.builder import CotConfig, list_inputs, make_cot_builder
     from pipelines.corpora.cot.common import _load_rgb, _mention_of
     from pipelines.corpora.cot.stages import ReadStage
     from pipelines.engine.run import run_build
@@ -87,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         TransformersVLM._complete = counted_complete  # type: ignore[method-assign]
 
         def builder(out: Path, cache: bool = False) -> Any:
-            return make_cot_builder(files, tmp / "world", out=out, cache=cache, tagger="florence2",
+            return make_cot_builder(CotConfig(files, tmp / "world", out=out, cache=cache, tagger="florence2",
                                     verifier="transformers",
                                     tagger_model=str(flo), verifier_model=str(vlm_dir), rewrite="none",
                                     device="cpu", torch_threads=args.threads, num_gpus=0,
                                     tagger_kwargs={"generate_kwargs": {"logits_processor": _forced(tok, n_forced)}},
-                                    **common)
+                                    **common))
 
-        b0 = make_cot_builder(files, tmp / "world", cache=None, tagger="oracle", verifier="none")
+        b0 = make_cot_builder(CotConfig(files, tmp / "world", cache=None, tagger="oracle", verifier="none"))
         items = sorted(list_inputs(b0.config), key=lambda it: it["key"])
         read, _ = ReadStage().process(items)
         n_samples = len(items)

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from pipelines.corpora.det3d.builder import make_builder
+    from pipelines.corpora.det3d.builder import Det3dBuildConfig, make_builder
     from pipelines.engine.run import run_build
     from pipelines.sample_world import SampleWorld, generate
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sample world 20x4 640x480: {time.perf_counter() - t0:.1f} s")
         world = SampleWorld.open(world_dir)
         builder, list_ms, plan_ms = _replicated(
-            make_builder(world.omni3d_files, world.embodiedscan_files, world.root), args.replicate)
+            make_builder(Det3dBuildConfig(world.omni3d_files, world.embodiedscan_files, world.root)), args.replicate)
         n = len(builder.list_inputs(builder.config))
         print(f"inputs: {n} ({n // args.replicate} x {args.replicate}); driver CPU per input: listing "
               f"{list_ms:.3f} ms, plan {plan_ms:.3f} ms")

@@ -80,20 +80,20 @@ def kernel_bench(world: Any, repeat: int, inner: int) -> dict[str, Any]:
 
 def e2e_bench(world: Any, source: str, n: int, chunk_size: int, mode: str, conversations: int,
               out_root: Path) -> dict[str, Any]:
-    from pipelines.corpora.pointmaps.builder import list_inputs, make_builder, make_config
+    from pipelines.corpora.pointmaps.builder import PointmapConfig, list_inputs, make_builder
     from pipelines.corpora.pointmaps.sampling import SamplerConfig
     from pipelines.engine.plan import Builder
     from pipelines.engine.run import run_build
 
     kw: dict[str, Any] = {"sampler": SamplerConfig(n=100, mode=mode), "conversations": conversations}
     if source == "omni3d":
-        cfg = make_config("omni3d", data_root=world.root, omni3d=world.omni3d_files, **kw)
+        cfg = PointmapConfig("omni3d", data_root=world.root, omni3d=world.omni3d_files, **kw)
     elif source == "embodiedscan":
-        cfg = make_config("embodiedscan", data_root=world.root, embodiedscan=world.embodiedscan_files, **kw)
+        cfg = PointmapConfig("embodiedscan", data_root=world.root, embodiedscan=world.embodiedscan_files, **kw)
     else:
-        cfg = make_config("rgbd", rgbd=world.rgbd_root, **kw)
+        cfg = PointmapConfig("rgbd", rgbd=world.rgbd_root, **kw)
     base = make_builder(cfg)
-    frames = [it for it in list_inputs(cfg) if "read_reject" not in it]
+    frames = [it for it in list_inputs(base.config) if "read_reject" not in it]
 
     def cycled(_config: dict[str, Any]) -> list[dict[str, Any]]:
         return [{**frames[i % len(frames)], "key": f"{frames[i % len(frames)]['key']}/c{i:06d}"} for i in range(n)]

@@ -149,11 +149,12 @@ def test_corpus_covers_the_kinds_of_damage(corpus: BadCorpus) -> None:
 
 
 def test_det3d_rejects_each_bad_input_and_keeps_the_rest(corpus: BadCorpus, sample_world: Any) -> None:
-    from pipelines.corpora.det3d.builder import make_builder
+    from pipelines.corpora.det3d.builder import Det3dBuildConfig, make_builder
 
     out = corpus.root.parent / "out" / "det3d"
-    res = build_in_sandbox(corpus, make_builder(corpus.omni3d, corpus.embodiedscan, corpus.root), out)
-    clean = clean_keys(make_builder(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root))
+    res = build_in_sandbox(corpus, make_builder(Det3dBuildConfig(corpus.omni3d, corpus.embodiedscan, corpus.root)), out)
+    clean = clean_keys(make_builder(Det3dBuildConfig(sample_world.omni3d_files, sample_world.embodiedscan_files,
+                                                  sample_world.root)))
     assert len(clean) == 12  # the world's 6 Omni3D images and 6 EmbodiedScan frames
     check_build(corpus, "det3d", res, clean)
     recs = {r["key"]: r for r in records(out)}
@@ -172,13 +173,13 @@ def test_det3d_rejects_each_bad_input_and_keeps_the_rest(corpus: BadCorpus, samp
 
 def test_pointmaps_reject_each_bad_frame_on_local_and_ray_alike(corpus: BadCorpus, sample_world: Any,
                                                                ray_session: Any) -> None:
-    from pipelines.corpora.pointmaps.builder import make_builder, make_config
+    from pipelines.corpora.pointmaps.builder import PointmapConfig, make_builder
 
     def builder() -> Any:
-        return make_builder(make_config("embodiedscan", data_root=corpus.root, embodiedscan=corpus.embodiedscan))
+        return make_builder(PointmapConfig("embodiedscan", data_root=corpus.root, embodiedscan=corpus.embodiedscan))
 
-    clean = clean_keys(make_builder(make_config("embodiedscan", data_root=sample_world.root,
-                                                embodiedscan=sample_world.embodiedscan_files)))
+    clean = clean_keys(make_builder(PointmapConfig("embodiedscan", data_root=sample_world.root,
+                                                   embodiedscan=sample_world.embodiedscan_files)))
     assert len(clean) == 6
     outs = {}
     for executor, kw in (("local", {}), ("ray", {"workers": 2})):
@@ -194,15 +195,15 @@ def test_pointmaps_reject_each_bad_frame_on_local_and_ray_alike(corpus: BadCorpu
 
 
 def test_cot_rejects_each_bad_record_and_keeps_the_rest(corpus: BadCorpus, sample_world: Any) -> None:
-    from pipelines.corpora.cot.builder import make_cot_builder
+    from pipelines.corpora.cot.builder import CotConfig, make_cot_builder
 
     out = corpus.root.parent / "out" / "cot"
-    res = build_in_sandbox(corpus, make_cot_builder(corpus.refspatial, corpus.root, out=out, tagger="oracle",
-                                                    verifier="none"), out)
+    res = build_in_sandbox(corpus, make_cot_builder(CotConfig(corpus.refspatial, corpus.root, out=out, tagger="oracle",
+                                                    verifier="none")), out)
     check_build(corpus, "cot", res)
     # cot keys are record positions, which the inserted bad records shift: compare the records themselves
-    clean = make_cot_builder([f.json_path for f in sample_world.refspatial_files], sample_world.root, cache=None,
-                             tagger="oracle", verifier="none")
+    clean = make_cot_builder(CotConfig([f.json_path for f in sample_world.refspatial_files], sample_world.root, cache=None,
+                             tagger="oracle", verifier="none"))
     want = Counter((it["source"]["file"], it["id"], len(it["conversations"])) for it in clean.list_inputs(clean.config))
     got = Counter((r["source"]["file"], r["source"]["id"], len(r["conversations"][0]["turns"])) for r in records(out))
     assert got == want and sum(want.values()) == 11

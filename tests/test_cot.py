@@ -14,7 +14,7 @@ import pytest
 
 from annotators.testing import OpenAIStub, Step, default_responder
 from pipelines.corpora.cot.assign import assign_boxes
-from pipelines.corpora.cot.builder import make_cot_builder
+from pipelines.corpora.cot.builder import CotConfig, make_cot_builder
 from pipelines.corpora.cot.stages import ComposeStage
 from pipelines.corpora.cot.text import POINT_SUFFIX_GR3D, compose_turn, find_point_lists
 from pipelines.engine.run import run_build
@@ -76,7 +76,7 @@ def test_oracle_build_matches_ground_truth_and_is_identical_on_local_ray_beam(
     outs = {}
     for ex, kw in {"local": {}, "ray": {"workers": 2}, "beam": {"workers": 1}}.items():
         out = tmp_path / ex
-        b = make_cot_builder(FILES, sample_world.root, out=out, tagger="oracle", verifier="oracle")
+        b = make_cot_builder(CotConfig(FILES, sample_world.root, out=out, tagger="oracle", verifier="oracle"))
         res = run_build(b, out, ex, chunk_size=4, show_progress=False, **kw)
         t = res.manifest["totals"]
         assert t["n_input"] == 11 and t["n_samples"] + t["n_rejected"] == 11
@@ -170,8 +170,8 @@ def test_bad_inputs_become_rejects_with_specific_reasons(tmp_path: Path, sample_
         rec("x12", conversations=qa("The red table is big. " + "very " * 1000)),
     ]
     (root / "bad.json").write_text(json.dumps(recs))
-    b = make_cot_builder(["bad.json"], root, out=tmp_path / "b", tagger="oracle", verifier="oracle", image_root="img",
-                         ground_truth=str(sample_world.root / "ground_truth.json"))
+    b = make_cot_builder(CotConfig(["bad.json"], root, out=tmp_path / "b", tagger="oracle", verifier="oracle", image_root="img",
+                         ground_truth=str(sample_world.root / "ground_truth.json")))
     res = run_build(b, tmp_path / "b", "local", chunk_size=5, show_progress=False)
     t = res.manifest["totals"]
     assert t["n_input"] == 13 and t["n_samples"] == 1 and t["n_rejected"] == 12
@@ -245,9 +245,9 @@ def _fake_checkpoint(path: Path) -> str:
 def test_model_stages_are_gpu_actor_pools_and_cheap_annotators_are_cpu_stages(sample_world, tmp_path) -> None:
     from pipelines.engine.executors.ray_executor import resource_plan
 
-    b = make_cot_builder(FILES, sample_world.root, cache=None, tagger="florence2", verifier="transformers",
+    b = make_cot_builder(CotConfig(FILES, sample_world.root, cache=None, tagger="florence2", verifier="transformers",
                          tagger_model=_fake_checkpoint(tmp_path / "models" / "Florence-2-large"),
-                         verifier_model=_fake_checkpoint(tmp_path / "models" / "Qwen2.5-VL-7B"), num_gpus=1)
+                         verifier_model=_fake_checkpoint(tmp_path / "models" / "Qwen2.5-VL-7B"), num_gpus=1))
     st = {s.name: s for s in b.stages}
     assert [s.name for s in b.stages] == ["read", "tag", "verify", "assign", "rewrite", "compose"]
     assert all(st[n].runs_on_actors and st[n].resources.gpus == 1 for n in ("tag", "verify", "rewrite"))
@@ -257,8 +257,8 @@ def test_model_stages_are_gpu_actor_pools_and_cheap_annotators_are_cpu_stages(sa
         (False, 0), (True, 1.0), (True, 1.0), (False, 0), (True, 1.0), (False, 0)]
     assert all(p["size"] == 8 for p in plan if p["segment"].actors)  # one model replica per GPU
     assert b.config["tagger_model"]["name"] == "Florence-2-large"  # model name, not a machine path
-    o = make_cot_builder(FILES, sample_world.root, cache=None, tagger="oracle", verifier="openai",
-                         endpoint="http://127.0.0.1:9/v1", verifier_model="m")
+    o = make_cot_builder(CotConfig(FILES, sample_world.root, cache=None, tagger="oracle", verifier="openai",
+                         endpoint="http://127.0.0.1:9/v1", verifier_model="m"))
     assert not any(s.runs_on_actors for s in o.stages)  # the HTTP client and the oracle need no GPU
     assert "endpoint" not in json.dumps(o.config) and "127.0.0.1" not in json.dumps(o.config)
 
@@ -312,7 +312,7 @@ def _http_builder(root: Path, out: Path, url: str, **kw: Any):
     args = dict(tagger="oracle", verifier="openai", endpoint=url, verifier_model="tiny-vlm", api_key_env=ENV,
                 timeout=0.6, max_retries=3, backoff=0.01, max_concurrency=4)
     args.update(kw)
-    return make_cot_builder(FILES, root, out=out, **args)
+    return make_cot_builder(CotConfig(FILES, root, out=out, **args))
 
 
 def test_openai_backend_survives_429_500_timeout_and_keeps_garbage_as_rejects(

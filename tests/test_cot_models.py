@@ -16,7 +16,7 @@ from PIL import Image
 from annotators.florence2 import Florence2Tagger, build_tiny_florence2
 from annotators.testing import ScriptedLogits
 from annotators.vlm import TransformersVLM, build_tiny_vlm
-from pipelines.corpora.cot.builder import make_cot_builder
+from pipelines.corpora.cot.builder import CotConfig, make_cot_builder
 from pipelines.engine.run import run_build
 from tests.test_executors_toy import compared_files
 
@@ -56,7 +56,7 @@ def _builder(sw_root: Path, out: Path, tiny: dict[str, Path], **kw: Any):
                                 verifier_model=str(tiny["vlm"]), tagger_max_new_tokens=16, verifier_max_new_tokens=12,
                                 device="cpu", torch_threads=1, num_gpus=0)
     args.update(kw)
-    return make_cot_builder(FILES, sw_root, out=out, **args)
+    return make_cot_builder(CotConfig(FILES, sw_root, out=out, **args))
 
 
 def _forced_tagger_kwargs(tiny: dict[str, Path]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import pytest
 
 from model.eval.iou3d import iou_3d
 from model.eval.predict import parse_answer
-from pipelines.corpora.det3d.builder import make_builder, parse_rule
+from pipelines.corpora.det3d.builder import Det3dBuildConfig, make_builder, parse_rule
 from pipelines.corpora.det3d.convert import (
     ConvertReject,
     Det3dConfig,
@@ -166,7 +166,7 @@ def _written_objects(rec: dict[str, Any]) -> list[tuple[dict[str, Any], Box3D, t
 def built(sample_world: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """The default det3d build of the session's sample world (both sources, local executor)."""
     out = tmp_path_factory.mktemp("det3d_build")
-    b = make_builder(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root)
+    b = make_builder(Det3dBuildConfig(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root))
     res = _build(b, out)
     return out, res
 
@@ -178,7 +178,8 @@ def truth(sample_world: Any) -> Truth:
 
 def _convert_all(world: Any, **convert: Any) -> tuple[list[dict[str, Any]], list[Any]]:
     """Records of every input, through the builder's listing and stages, without writing shards."""
-    b = make_builder(world.omni3d_files, world.embodiedscan_files, world.root, **convert)
+    b = make_builder(Det3dBuildConfig(world.omni3d_files, world.embodiedscan_files, world.root,
+                                     convert=Det3dConfig(**convert)))
     items = list(b.list_inputs(b.config))  # builders yield their listing
     read, conv = b.stages
     o1, r1 = read.process(items)
@@ -468,7 +469,7 @@ def _damaged_world(world: Any, root: Path) -> tuple[list[Path], list[Path], dict
 
 def test_bad_inputs_become_reject_rows_with_specific_reasons(sample_world: Any, tmp_path: Path) -> None:
     omni, es, expect = _damaged_world(sample_world, tmp_path / "world")
-    b = make_builder(omni, es, tmp_path / "world")
+    b = make_builder(Det3dBuildConfig(omni, es, tmp_path / "world"))
     res = _build(b, tmp_path / "out")
     rej = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
     got = {r["key"]: r["reason"] for r in rej}

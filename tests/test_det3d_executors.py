@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pipelines.corpora.det3d.builder import make_builder
+from pipelines.corpora.det3d.builder import Det3dBuildConfig, make_builder
 from pipelines.engine.run import run_build
 from shards.verify import verify_build
 
@@ -33,7 +33,7 @@ def _compared(build_dir: Path) -> dict[str, bytes]:
 
 @pytest.mark.ray
 def test_ray_beam_and_local_write_identical_det3d_shards(sample_world: Any, tmp_path: Path, ray_session: Any) -> None:
-    b = make_builder(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root)
+    b = make_builder(Det3dBuildConfig(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root))
     runs = {"local": {}, "ray": {"workers": 2}, "beam": {"workers": 1}}
     got = {}
     for name, kw in runs.items():

@@ -17,7 +17,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-from pipelines.corpora.det3d.builder import make_builder
+from pipelines.corpora.det3d.builder import Det3dBuildConfig, make_builder
 from pipelines.engine.plan import encode_inputs
 from pipelines.engine.run import run_build
 
@@ -41,11 +41,11 @@ def traced_peak(builder: Any, items: list[dict[str, Any]], out: Path) -> tuple[i
 
 
 def test_det3d_build_allocations_do_not_grow_with_the_corpus(sample_world: Any, tmp_path: Path) -> None:
-    b = make_builder(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root)
+    b = make_builder(Det3dBuildConfig(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root))
     base = list(b.list_inputs(b.config))  # 12 inputs: the world's Omni3D images and EmbodiedScan frames
     small = [{**it, "key": f"{it['key']}/r{r:03d}"} for r in range(8) for it in base]
     large = [{**it, "key": f"{it['key']}/r{r:03d}"} for r in range(32) for it in base]
-    run_build(make_builder(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root),
+    run_build(make_builder(Det3dBuildConfig(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root)),
               tmp_path / "warm", "local", chunk_size=CHUNK, limit=CHUNK, show_progress=False)  # imports, caches
     p1, n1 = traced_peak(b, small, tmp_path / "x1")
     p4, n4 = traced_peak(b, large, tmp_path / "x4")

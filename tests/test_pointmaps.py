@@ -18,11 +18,12 @@ import pytest
 from PIL import Image
 
 from pipelines.corpora.pointmaps.builder import (
+    PointmapConfig,
     ReadFrame,
     SamplePoints,
     build_record,
     list_inputs,
-    make_config,
+    make_builder,
 )
 from pipelines.corpora.pointmaps.geometry import (
     backproject,
@@ -89,11 +90,16 @@ def _views(world) -> dict[str, tuple[dict, dict]]:
 
 
 def _config(world, source: str, **kw):
+    """The builder config dict (`make_builder(PointmapConfig(...)).config`) of a world's source."""
+    return make_builder(_options(world, source, **kw)).config
+
+
+def _options(world, source: str, **kw):
     if source == "embodiedscan":
-        return make_config("embodiedscan", data_root=world.root, embodiedscan=world.embodiedscan_files, **kw)
+        return PointmapConfig("embodiedscan", data_root=world.root, embodiedscan=world.embodiedscan_files, **kw)
     if source == "omni3d":
-        return make_config("omni3d", data_root=world.root, omni3d=world.omni3d_files, **kw)
-    return make_config("rgbd", data_root=world.rgbd_root, rgbd=world.rgbd_root, **kw)
+        return PointmapConfig("omni3d", data_root=world.root, omni3d=world.omni3d_files, **kw)
+    return PointmapConfig("rgbd", data_root=world.rgbd_root, rgbd=world.rgbd_root, **kw)
 
 
 def _frames(world, source: str, mode: str = "uniform", n: int = 100):
@@ -264,7 +270,7 @@ def test_read_stage_rejects_with_reasons(sample_world, tmp_path) -> None:
     (s / "000003.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)  # not an image (reader rejects)
     shutil.copy(s / "000000.depth.npy", s / "000003.depth.npy")
     shutil.copy(s / "000000.json", s / "000003.json")
-    cfg = make_config("rgbd", rgbd=root, sampler=SamplerConfig(n=20))
+    cfg = make_builder(PointmapConfig("rgbd", rgbd=root, sampler=SamplerConfig(n=20))).config
     items = list_inputs(cfg)
     assert [it["key"] for it in items] == [f"rgbd/scene0000/00000{i}" for i in range(4)]
     read, rej = ReadFrame().process(items)
@@ -297,7 +303,8 @@ def test_3rscan_pgm_and_matterport_quarter_mm_depth(sample_world, tmp_path) -> N
     info["data_list"] = scans
     pkl = root / "es.pkl"
     pkl.write_bytes(pickle.dumps(info, protocol=2))
-    cfg = make_config("embodiedscan", data_root=root, embodiedscan=[pkl], sampler=SamplerConfig(n=100))
+    cfg = make_builder(PointmapConfig("embodiedscan", data_root=root, embodiedscan=[pkl],
+                                     sampler=SamplerConfig(n=100))).config
     items = list_inputs(cfg)
     assert sorted({(it["depth_format"], it["depth_scale"]) for it in items}) == [("pgm_u16", 1000.0), ("png_u16", 4000.0)]
     read, rej = ReadFrame().process(items)
@@ -321,7 +328,8 @@ def test_reader_rejects_keep_unique_keys_and_reach_the_reject_rows(sample_world,
     scan["images"].append(copy.deepcopy(scan["images"][0]))  # same img_path -> same key
     pkl = tmp_path / "es.pkl"
     pkl.write_bytes(pickle.dumps(info, protocol=2))
-    items = list_inputs(make_config("embodiedscan", data_root=sample_world.root, embodiedscan=[pkl]))
+    items = list_inputs(make_builder(PointmapConfig("embodiedscan", data_root=sample_world.root,
+                                                         embodiedscan=[pkl])).config)
     keys = [it["key"] for it in items]
     assert len(keys) == len(set(keys))
     dup = [it for it in items if it["key"].endswith("-dup1")]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.corpora.pointmaps.builder import make_builder, make_config
+from pipelines.corpora.pointmaps.builder import PointmapConfig, make_builder
 from pipelines.corpora.pointmaps.sampling import SamplerConfig
 from pipelines.engine.run import run_build
 from shards.reader import iter_samples, read_sample
@@ -48,7 +48,7 @@ def damaged_rgbd(sample_world, tmp_path_factory) -> Path:
 
 
 def _builder(root: Path, **kw):
-    return make_builder(make_config("rgbd", rgbd=root, sampler=SamplerConfig(n=50, mode="edge_avoiding"), **kw))
+    return make_builder(PointmapConfig("rgbd", rgbd=root, sampler=SamplerConfig(n=50, mode="edge_avoiding"), **kw))
 
 
 def _digests(build: Path) -> dict[str, str]:

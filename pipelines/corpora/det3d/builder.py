@@ -19,15 +19,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.corpora.det3d.convert import Det3dConfig, omni3d_rules, parse_rule
+from pipelines.corpora.options import add_options, option, options_from_args
 from pipelines.engine.build_cli import register_builder
 from pipelines.engine.plan import Builder
 from pipelines.engine.stage import Item, Reject, Stage
 from pipelines.sample_world.paths import add_sample_world_argument, sample_world_of
 
-__all__ = ["BUILDER_NAME", "Det3dRead", "Det3dConvert", "make_builder", "iter_inputs", "list_inputs", "omni3d_rules",
+__all__ = ["BUILDER_NAME", "Det3dBuildConfig", "Det3dConfig", "Det3dRead", "Det3dConvert", "make_builder", "iter_inputs", "list_inputs", "omni3d_rules",
            "parse_rule"]
 
 BUILDER_NAME = "det3d"
@@ -39,37 +42,6 @@ _OMNI3D_FIELDS = ("id", "category_name", "valid3D", "center_cam", "dimensions", 
 
 
 # ---------------------------------------------------------------------------------------------- listing
-
-def parse_rule(text: str) -> tuple[str, Any]:
-    """`NAME=VALUE` of an Omni3D ignore-rule override: a float, `none`/`off` (rule disabled) or true/false."""
-    from pipelines.sources.omni3d import IgnoreRules
-
-    name, sep, value = text.partition("=")
-    name = name.strip().replace("-", "_")
-    fields = {f.name: f for f in dataclasses.fields(IgnoreRules)}
-    if not sep or name not in fields or name == "ignore_names":
-        allowed = ", ".join(n for n in fields if n != "ignore_names")
-        raise ValueError(f"ignore-rule override must be NAME=VALUE with NAME one of {allowed}; got {text!r}")
-    v = value.strip().lower()
-    if name.startswith("require_") or name == "use_trunc_box":
-        if v not in ("true", "false", "1", "0"):
-            raise ValueError(f"{name} takes true or false, got {value!r}")
-        return name, v in ("true", "1")
-    if v in ("none", "off"):
-        return name, None
-    try:
-        return name, float(v)
-    except ValueError:
-        raise ValueError(f"{name} takes a number or none, got {value!r}") from None
-
-
-def omni3d_rules(preset: str, overrides: dict[str, Any] | None = None) -> Any:
-    """The reader's `IgnoreRules`: a preset (train | eval | none) with single thresholds replaced."""
-    from pipelines.sources.omni3d import EVAL_RULES, NO_RULES, TRAIN_RULES
-
-    base = {"train": TRAIN_RULES, "eval": EVAL_RULES, "none": NO_RULES}[preset]
-    return dataclasses.replace(base, **(overrides or {}))
-
 
 def _lean(x: Any) -> Any:
     """numpy -> lists, so items are JSON-able (plan digests) and small to pickle."""
@@ -243,80 +215,81 @@ class Det3dConvert(Stage):
 
 # ---------------------------------------------------------------------------------------------- builder
 
-def make_builder(omni3d: Sequence[str | Path] = (), embodiedscan: Sequence[str | Path] = (),
-                 data_root: str | Path = ".", **convert: Any) -> Builder:
-    """The det3d `Builder`: config (files, data root, conversion settings), listing and the two stages.
+_GROUPS = {"inputs": "det3d inputs", "conversion": "det3d conversion"}
 
-    `convert` holds `pipelines.corpora.det3d.convert.Det3dConfig` fields (omni3d_ignore, omni3d_rules, min_z,
-    digits_2d, digits_3d, max_rounds, max_detect, prompt_salt); they are validated here.
+
+@dataclass(frozen=True)
+class Det3dBuildConfig:
+    """Every option of `gr3d build det3d` (flags derived from the fields, `pipelines.corpora.options`).
+
+    Input files (explicit ones first, then a sample world's), the data root their paths are relative
+    to, and the conversion settings (`Det3dConfig`, validated on construction). The manifest's config
+    is `manifest_config()` of the resolved config.
     """
-    from pipelines.corpora.det3d.convert import Det3dConfig
-    from pipelines.engine.plan import PlanError
 
-    if not omni3d and not embodiedscan:
-        raise PlanError("det3d needs at least one --omni3d or --embodiedscan file")
-    missing = [str(p) for p in [*omni3d, *embodiedscan] if not Path(p).is_file()]
-    if missing:  # a mistyped path is a usage error, not bad data: stop before writing anything
-        raise PlanError(f"det3d: no such annotation file: {', '.join(missing[:5])}")
-    if not Path(data_root).is_dir():
-        raise PlanError(f"det3d: --data-root {data_root} is not a directory")
-    try:
-        cfg = Det3dConfig(**convert).to_dict()
-        omni3d_rules(cfg["omni3d_ignore"], cfg["omni3d_rules"])  # unknown rule names fail here, not in a worker
-    except (TypeError, ValueError) as exc:
-        raise PlanError(f"det3d: {exc}") from None
-    config = {
-        "omni3d": [str(p) for p in omni3d],
-        "embodiedscan": [str(p) for p in embodiedscan],
-        "data_root": str(data_root),
-        "convert": cfg,
-    }
-    return Builder(BUILDER_NAME, config, iter_inputs, [Det3dRead(), Det3dConvert(cfg)])
+    omni3d: Sequence[str | Path] = option((), group="inputs", nargs="+", action="extend", cli_default=[], metavar="FILE",
+                                          help="Omni3D annotation JSON files ({Dataset}_{split}.json)")
+    embodiedscan: Sequence[str | Path] = option(
+        (), group="inputs", nargs="+", action="extend", cli_default=[], metavar="FILE",
+        help="EmbodiedScan info pkl files (embodiedscan_infos_{split}.pkl)")
+    data_root: str | Path | None = option(None, group="inputs", type=Path, metavar="DIR",
+                                          help="root that Omni3D file_path and EmbodiedScan img_path are relative to")
+    sample_world: str | Path | None = option(None, group="inputs", add=add_sample_world_argument)
+    convert: Det3dConfig = field(default_factory=Det3dConfig)
+
+    def resolved(self) -> Det3dBuildConfig:
+        """The sample world folded into the files and the data root (resolved); PlanError if inputs are missing."""
+        from pipelines.engine.plan import PlanError
+
+        omni, es, root = list(self.omni3d), list(self.embodiedscan), self.data_root
+        try:
+            world = sample_world_of(self)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
+        if world is not None:
+            omni += [str(p) for p in world.omni3d_files]
+            es += [str(p) for p in world.embodiedscan_files]
+            root = root or world.root
+        if root is None:
+            raise PlanError("--data-root is required (or --sample-world)")
+        if not omni and not es:
+            raise PlanError("det3d needs at least one --omni3d or --embodiedscan file")
+        missing = [str(p) for p in [*omni, *es] if not Path(p).is_file()]
+        if missing:  # a mistyped path is a usage error, not bad data: stop before writing anything
+            raise PlanError(f"det3d: no such annotation file: {', '.join(missing[:5])}")
+        if not Path(root).is_dir():
+            raise PlanError(f"det3d: --data-root {root} is not a directory")
+        return dataclasses.replace(self, omni3d=omni, embodiedscan=es, data_root=Path(root).resolve(), sample_world=None)
+
+    def manifest_config(self) -> dict[str, Any]:
+        """The builder config (manifest, resume digest): files, data root, conversion settings."""
+        return {
+            "omni3d": [str(p) for p in self.omni3d],
+            "embodiedscan": [str(p) for p in self.embodiedscan],
+            "data_root": str(self.data_root),
+            "convert": self.convert.to_dict(),
+        }
+
+
+def make_builder(config: Det3dBuildConfig) -> Builder:
+    """The det3d `Builder`: config (files, data root, conversion settings), listing and the two stages."""
+    c = config.resolved()
+    cfg = c.manifest_config()
+    return Builder(BUILDER_NAME, cfg, iter_inputs, [Det3dRead(), Det3dConvert(cfg["convert"])])
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("det3d inputs")
-    g.add_argument("--omni3d", nargs="+", action="extend", default=[], metavar="FILE",
-                   help="Omni3D annotation JSON files ({Dataset}_{split}.json)")
-    g.add_argument("--embodiedscan", nargs="+", action="extend", default=[], metavar="FILE",
-                   help="EmbodiedScan info pkl files (embodiedscan_infos_{split}.pkl)")
-    g.add_argument("--data-root", type=Path, default=None, metavar="DIR",
-                   help="root that Omni3D file_path and EmbodiedScan img_path are relative to")
-    add_sample_world_argument(g)
-    c = p.add_argument_group("det3d conversion")
-    c.add_argument("--omni3d-ignore", choices=("train", "eval", "none"), default="train",
-                   help="Omni3D ignore-rule preset: train (Cube R-CNN Base.yaml, default), eval, none")
-    c.add_argument("--omni3d-rule", action="append", default=[], metavar="NAME=VALUE",
-                   help="override one ignore threshold, e.g. visibility_thres=0.1 or max_depth=none (repeatable)")
-    c.add_argument("--min-z", type=float, default=0.2, help="EmbodiedScan: drop boxes with a corner at z <= this (m)")
-    c.add_argument("--digits-2d", type=int, default=3, help="decimals of 2D boxes in the text")
-    c.add_argument("--digits-3d", type=int, default=2, help="decimals of 3D boxes in the text")
-    c.add_argument("--max-rounds", type=int, default=10, help="region->3D rounds per conversation (<= 10)")
-    c.add_argument("--max-detect", type=int, default=20, help="objects per detection answer (<= 20)")
-    c.add_argument("--prompt-salt", default="", help="changes which template phrasing each sample gets")
+    add_options(p, Det3dBuildConfig, _GROUPS)
 
 
 def _make(args: argparse.Namespace) -> Builder:
     from pipelines.engine.plan import PlanError
 
-    omni, es, root = list(args.omni3d), list(args.embodiedscan), args.data_root
     try:
-        world = sample_world_of(args)
+        config = options_from_args(Det3dBuildConfig, args)
     except ValueError as exc:
-        raise PlanError(str(exc)) from None
-    if world is not None:
-        omni += [str(p) for p in world.omni3d_files]
-        es += [str(p) for p in world.embodiedscan_files]
-        root = root or world.root
-    if root is None:
-        raise PlanError("--data-root is required (or --sample-world)")
-    try:
-        rules = dict(parse_rule(r) for r in args.omni3d_rule)
-    except ValueError as exc:
-        raise PlanError(str(exc)) from None
-    return make_builder(omni, es, Path(root).resolve(), omni3d_ignore=args.omni3d_ignore, omni3d_rules=rules,
-                        min_z=args.min_z, digits_2d=args.digits_2d, digits_3d=args.digits_3d,
-                        max_rounds=args.max_rounds, max_detect=args.max_detect, prompt_salt=args.prompt_salt)
+        raise PlanError(f"det3d: {exc}") from None
+    return make_builder(config)
 
 
 register_builder(BUILDER_NAME, _make, help="3D detection corpus from Omni3D and EmbodiedScan",

@@ -17,15 +17,17 @@ Every box is canonicalized (`schemas.grammar.box3d_from_pose`) and verbalized wi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from pipelines.corpora.options import option
 from schemas.camera import box_corners, normalization_scale
 from schemas.geometry import es_box_to_omni_camera
 from schemas.grammar import Box3D, box3d_from_pose, format_box3d, format_grounded
@@ -35,6 +37,8 @@ from shards.writer import sniff_image_ext
 
 __all__ = [
     "Det3dConfig",
+    "parse_rule",
+    "omni3d_rules",
     "ConvertReject",
     "DetObject",
     "clipped_silhouette_box",
@@ -61,21 +65,27 @@ _EYE = np.eye(3)
 
 @dataclass(frozen=True)
 class Det3dConfig:
-    """Conversion settings; all of them go into the build config (and so the manifest).
+    """Conversion settings; all of them go into the build config (and so the manifest), each a flag of
+    `gr3d build det3d` (`pipelines.corpora.options`).
 
     `omni3d_ignore` is a preset of `pipelines.sources.omni3d` ("train" = Cube R-CNN's Base.yaml training
     thresholds, the default: this is training data; "eval"; "none"), `omni3d_rules` overrides single
     thresholds of it. `min_z`: a corner at z <= min_z (m) is "behind the camera" (Omni3D's rule).
     """
 
-    omni3d_ignore: str = "train"
-    omni3d_rules: dict[str, Any] = field(default_factory=dict)
-    min_z: float = 0.2
-    digits_2d: int = 3
-    digits_3d: int = 2
-    max_rounds: int = 10
-    max_detect: int = 20
-    prompt_salt: str = ""
+    omni3d_ignore: str = option("train", group="conversion", choices=("train", "eval", "none"),
+                                help="Omni3D ignore-rule preset: train (Cube R-CNN Base.yaml, default), eval, none")
+    omni3d_rules: dict[str, Any] = option(
+        default_factory=dict, group="conversion", flag="--omni3d-rule", action="append", cli_default=[],
+        metavar="NAME=VALUE", from_args=lambda a: dict(parse_rule(r) for r in a.omni3d_rules),
+        help="override one ignore threshold, e.g. visibility_thres=0.1 or max_depth=none (repeatable)")
+    min_z: float = option(0.2, group="conversion", type=float,
+                          help="EmbodiedScan: drop boxes with a corner at z <= this (m)")
+    digits_2d: int = option(3, group="conversion", type=int, help="decimals of 2D boxes in the text")
+    digits_3d: int = option(2, group="conversion", type=int, help="decimals of 3D boxes in the text")
+    max_rounds: int = option(10, group="conversion", type=int, help="region->3D rounds per conversation (<= 10)")
+    max_detect: int = option(20, group="conversion", type=int, help="objects per detection answer (<= 20)")
+    prompt_salt: str = option("", group="conversion", help="changes which template phrasing each sample gets")
 
     def __post_init__(self) -> None:
         if self.omni3d_ignore not in ("train", "eval", "none"):
@@ -88,6 +98,10 @@ class Det3dConfig:
             raise ValueError("digits_2d and digits_3d must be >= 1")
         if not (math.isfinite(self.min_z) and self.min_z >= 0):
             raise ValueError(f"min_z must be a finite number >= 0, got {self.min_z}")
+        try:
+            omni3d_rules(self.omni3d_ignore, self.omni3d_rules)  # unknown rule names fail here, not in a worker
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -99,6 +113,37 @@ class Det3dConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> Det3dConfig:
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_rule(text: str) -> tuple[str, Any]:
+    """`NAME=VALUE` of an Omni3D ignore-rule override: a float, `none`/`off` (rule disabled) or true/false."""
+    from pipelines.sources.omni3d import IgnoreRules
+
+    name, sep, value = text.partition("=")
+    name = name.strip().replace("-", "_")
+    fields = {f.name: f for f in dataclasses.fields(IgnoreRules)}
+    if not sep or name not in fields or name == "ignore_names":
+        allowed = ", ".join(n for n in fields if n != "ignore_names")
+        raise ValueError(f"ignore-rule override must be NAME=VALUE with NAME one of {allowed}; got {text!r}")
+    v = value.strip().lower()
+    if name.startswith("require_") or name == "use_trunc_box":
+        if v not in ("true", "false", "1", "0"):
+            raise ValueError(f"{name} takes true or false, got {value!r}")
+        return name, v in ("true", "1")
+    if v in ("none", "off"):
+        return name, None
+    try:
+        return name, float(v)
+    except ValueError:
+        raise ValueError(f"{name} takes a number or none, got {value!r}") from None
+
+
+def omni3d_rules(preset: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The reader's `IgnoreRules`: a preset (train | eval | none) with single thresholds replaced."""
+    from pipelines.sources.omni3d import EVAL_RULES, NO_RULES, TRAIN_RULES
+
+    base = {"train": TRAIN_RULES, "eval": EVAL_RULES, "none": NO_RULES}[preset]
+    return dataclasses.replace(base, **(overrides or {}))
 
 
 class ConvertReject(Exception):

@@ -28,14 +28,17 @@ Nothing heavy is imported at module level (the module registers the builder on i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipelines.corpora.options import add_options, option, options_from_args
 from pipelines.corpora.pointmaps.depth_io import (
     DEPTH_FORMATS,
     DepthError,
@@ -44,7 +47,7 @@ from pipelines.corpora.pointmaps.depth_io import (
     embodiedscan_spec,
 )
 from pipelines.corpora.pointmaps.geometry import sample_frame
-from pipelines.corpora.pointmaps.sampling import MODES, SamplerConfig, SamplingError
+from pipelines.corpora.pointmaps.sampling import SamplerConfig, SamplingError
 from pipelines.engine.build_cli import register_builder
 from pipelines.engine.stage import Item, Reject, Resources, Stage
 from pipelines.sample_world.paths import add_sample_world_argument, sample_world_of
@@ -58,6 +61,7 @@ __all__ = [
     "iter_inputs",
     "list_inputs",
     "make_builder",
+    "PointmapConfig",
     "ReadFrame",
     "SamplePoints",
     "Verbalize",
@@ -377,87 +381,109 @@ class Verbalize(Stage):
 # ---------------------------------------------------------------- builder and CLI
 
 
-def make_config(source: str, *, data_root: str | os.PathLike[str] | None = None,
-                embodiedscan: Sequence[str | os.PathLike[str]] = (), omni3d: Sequence[str | os.PathLike[str]] = (),
-                rgbd: str | os.PathLike[str] | None = None, sampler: SamplerConfig | None = None,
-                points_per_conversation: int = 10, conversations: int = 1, keep_depth: bool = False,
-                omni3d_image_dir: str = "image", omni3d_depth_dir: str = "depth", omni3d_depth_format: str = "png_u16",
-                omni3d_depth_scale: float | None = None) -> dict[str, Any]:
-    """The builder config (JSON): everything that decides the output, so it guards resumes."""
-    if source not in SOURCES:
-        raise ValueError(f"unknown point-map source {source!r}; choose one of {', '.join(SOURCES)}")
-    if source == "embodiedscan" and not embodiedscan:
-        raise ValueError("--source embodiedscan needs --embodiedscan FILE...")
-    if source == "omni3d" and not omni3d:
-        raise ValueError("--source omni3d needs --omni3d FILE...")
-    if source == "rgbd" and rgbd is None:
-        raise ValueError("--source rgbd needs --rgbd DIR")
-    if source in ("embodiedscan", "omni3d") and data_root is None:
-        raise ValueError(f"--source {source} needs --data-root DIR")
-    if points_per_conversation < 1 or conversations < 1:
-        raise ValueError("points per conversation and conversations must be >= 1")
-    if omni3d_depth_format not in DEPTH_FORMATS:
-        raise ValueError(f"unknown depth format {omni3d_depth_format!r}; choose one of {', '.join(DEPTH_FORMATS)}")
-    s = sampler or SamplerConfig()
-    return {
-        "source": source,
-        "data_root": str(Path(data_root).resolve()) if data_root is not None else None,
-        "embodiedscan": [str(Path(f).resolve()) for f in embodiedscan],
-        "omni3d": [str(Path(f).resolve()) for f in omni3d],
-        "rgbd": str(Path(rgbd).resolve()) if rgbd is not None else None,
-        "sampler": {"n": s.n, "mode": s.mode, "min_valid_fraction": s.min_valid_fraction, "max_depth": s.max_depth,
-                    "depth_bins": s.depth_bins, "edge_threshold": s.edge_threshold, "edge_radius": s.edge_radius,
-                    "seed": s.seed},
-        "points_per_conversation": points_per_conversation,
-        "conversations": conversations,
-        "keep_depth": keep_depth,
-        "omni3d_image_dir": omni3d_image_dir,
-        "omni3d_depth_dir": omni3d_depth_dir,
-        "omni3d_depth_format": omni3d_depth_format,
-        "omni3d_depth_scale": float(omni3d_depth_scale or DepthSpec(omni3d_depth_format).units_per_metre),
-    }  # fmt: skip
+_GROUPS = {"pm": "point maps"}
 
 
-def make_builder(config: dict[str, Any]):
-    """A `pipelines.engine.plan.Builder` for a config from `make_config`."""
+@dataclass(frozen=True)
+class PointmapConfig:
+    """Every option of `gr3d build pointmap` (flags derived from the fields, `pipelines.corpora.options`).
+
+    Validated on construction; the sample world and the rgbd data-root default are folded in by
+    `resolved()`; the manifest's config (everything that decides the output, so it guards resumes) is
+    `manifest_config()`.
+    """
+
+    source: str = option(group="pm", choices=SOURCES, required=True, help="which reader the frames come from")
+    embodiedscan: Sequence[str | os.PathLike[str]] = option((), group="pm", nargs="+", cli_default=[], metavar="FILE",
+                                                            help="embodiedscan_infos_*.pkl files")
+    omni3d: Sequence[str | os.PathLike[str]] = option((), group="pm", nargs="+", cli_default=[], metavar="FILE",
+                                                      help="Omni3D {Dataset}_{split}.json files")
+    rgbd: str | os.PathLike[str] | None = option(None, group="pm", metavar="DIR",
+                                                 help="a generic RGB-D folder (see pipelines.sources.rgbd)")
+    data_root: str | os.PathLike[str] | None = option(
+        None, group="pm", metavar="DIR",
+        help="root the EmbodiedScan / Omni3D paths are relative to (rgbd: defaults to --rgbd)")
+    sample_world: str | os.PathLike[str] | None = option(None, group="pm", add=add_sample_world_argument)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    points_per_conversation: int = option(10, group="pm", type=int, help="rounds per point_3d conversation")
+    conversations: int = option(1, group="pm", type=int,
+                                help="point_3d conversations per record, over disjoint points (default 1)")
+    keep_depth: bool = option(False, group="pm", action="store_true",
+                              help="also store the depth map (KEY.depth.npy, float32 m) and its K (KEY.depth_k.npy)")
+    omni3d_image_dir: str = option("image", group="pm", help="Omni3D: image folder name replaced by ...")
+    omni3d_depth_dir: str = option("depth", group="pm", help="... this depth folder name (default depth)")
+    omni3d_depth_format: str = option("png_u16", group="pm", choices=DEPTH_FORMATS,
+                                      help="Omni3D: how the depth files are stored (docs/pointmaps.md)")
+    omni3d_depth_scale: float | None = option(None, group="pm", type=float,
+                                              help="stored units per metre (default 1000)")
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown point-map source {self.source!r}; choose one of {', '.join(SOURCES)}")
+        if self.points_per_conversation < 1 or self.conversations < 1:
+            raise ValueError("points per conversation and conversations must be >= 1")
+        if self.omni3d_depth_format not in DEPTH_FORMATS:
+            raise ValueError(f"unknown depth format {self.omni3d_depth_format!r}; "
+                             f"choose one of {', '.join(DEPTH_FORMATS)}")
+
+    def resolved(self) -> PointmapConfig:
+        """The sample world's files and roots added (for this config's source), the rgbd data root defaulted;
+        a ValueError names a missing input."""
+        src, world = self.source, sample_world_of(self)
+        embodiedscan, omni3d, rgbd, data_root = list(self.embodiedscan), list(self.omni3d), self.rgbd, self.data_root
+        if world is not None:
+            embodiedscan += [str(p) for p in world.embodiedscan_files] if src == "embodiedscan" else []
+            omni3d += [str(p) for p in world.omni3d_files] if src == "omni3d" else []
+            rgbd = rgbd or (str(world.rgbd_root) if src == "rgbd" else None)
+            data_root = data_root or (str(world.root) if src != "rgbd" else None)
+        data_root = data_root or (rgbd if src == "rgbd" else None)
+        if src == "embodiedscan" and not embodiedscan:
+            raise ValueError("--source embodiedscan needs --embodiedscan FILE...")
+        if src == "omni3d" and not omni3d:
+            raise ValueError("--source omni3d needs --omni3d FILE...")
+        if src == "rgbd" and rgbd is None:
+            raise ValueError("--source rgbd needs --rgbd DIR")
+        if src in ("embodiedscan", "omni3d") and data_root is None:
+            raise ValueError(f"--source {src} needs --data-root DIR")
+        return dataclasses.replace(self, embodiedscan=embodiedscan, omni3d=omni3d, rgbd=rgbd, data_root=data_root,
+                                   sample_world=None)
+
+    def manifest_config(self) -> dict[str, Any]:
+        """The builder config (JSON) of a resolved config: what the stages read and the manifest records."""
+        s = self.sampler
+        return {
+            "source": self.source,
+            "data_root": str(Path(self.data_root).resolve()) if self.data_root is not None else None,
+            "embodiedscan": [str(Path(f).resolve()) for f in self.embodiedscan],
+            "omni3d": [str(Path(f).resolve()) for f in self.omni3d],
+            "rgbd": str(Path(self.rgbd).resolve()) if self.rgbd is not None else None,
+            "sampler": {"n": s.n, "mode": s.mode, "min_valid_fraction": s.min_valid_fraction, "max_depth": s.max_depth,
+                        "depth_bins": s.depth_bins, "edge_threshold": s.edge_threshold, "edge_radius": s.edge_radius,
+                        "seed": s.seed},
+            "points_per_conversation": self.points_per_conversation,
+            "conversations": self.conversations,
+            "keep_depth": self.keep_depth,
+            "omni3d_image_dir": self.omni3d_image_dir,
+            "omni3d_depth_dir": self.omni3d_depth_dir,
+            "omni3d_depth_format": self.omni3d_depth_format,
+            "omni3d_depth_scale": float(self.omni3d_depth_scale or DepthSpec(self.omni3d_depth_format).units_per_metre),
+        }  # fmt: skip
+
+
+def make_builder(config: PointmapConfig):
+    """A `pipelines.engine.plan.Builder` for a point-map config (resolved here; ValueError on a missing input)."""
     from pipelines.engine.plan import Builder
 
-    sampler = SamplerConfig(**config["sampler"])
-    return Builder("pointmap", config, iter_inputs, [
+    cfg = config.resolved().manifest_config()
+    sampler = SamplerConfig(**cfg["sampler"])
+    return Builder("pointmap", cfg, iter_inputs, [
         ReadFrame(), SamplePoints(sampler),
-        Verbalize(sampler, config["points_per_conversation"], config["conversations"], config["keep_depth"]),
+        Verbalize(sampler, cfg["points_per_conversation"], cfg["conversations"], cfg["keep_depth"]),
     ])  # fmt: skip
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("point maps")
-    g.add_argument("--source", choices=SOURCES, required=True, help="which reader the frames come from")
-    g.add_argument("--embodiedscan", nargs="+", default=[], metavar="FILE", help="embodiedscan_infos_*.pkl files")
-    g.add_argument("--omni3d", nargs="+", default=[], metavar="FILE", help="Omni3D {Dataset}_{split}.json files")
-    g.add_argument("--rgbd", default=None, metavar="DIR", help="a generic RGB-D folder (see pipelines.sources.rgbd)")
-    g.add_argument("--data-root", default=None, metavar="DIR",
-                   help="root the EmbodiedScan / Omni3D paths are relative to (rgbd: defaults to --rgbd)")
-    add_sample_world_argument(g)
-    g.add_argument("--points", type=int, default=100, help="points sampled per image (default 100)")
-    g.add_argument("--mode", choices=MODES, default="uniform", help="sampling mode (default uniform)")
-    g.add_argument("--min-valid-fraction", type=float, default=0.05,
-                   help="reject frames whose valid depth covers less than this fraction (default 0.05)")
-    g.add_argument("--max-depth", type=float, default=None, help="treat depth beyond this (m) as invalid")
-    g.add_argument("--depth-bins", type=int, default=8, help="strata of depth_stratified modes (default 8)")
-    g.add_argument("--edge-threshold", type=float, default=0.03,
-                   help="relative inverse-depth curvature that marks a depth edge (default 0.03)")
-    g.add_argument("--edge-radius", type=int, default=1, help="pixels excluded around depth edges (default 1)")
-    g.add_argument("--seed", type=int, default=0, help="mixed into every key's sampling seed (default 0)")
-    g.add_argument("--points-per-conversation", type=int, default=10, help="rounds per point_3d conversation")
-    g.add_argument("--conversations", type=int, default=1,
-                   help="point_3d conversations per record, over disjoint points (default 1)")
-    g.add_argument("--keep-depth", action="store_true",
-                   help="also store the depth map (KEY.depth.npy, float32 m) and its K (KEY.depth_k.npy)")
-    g.add_argument("--omni3d-image-dir", default="image", help="Omni3D: image folder name replaced by ...")
-    g.add_argument("--omni3d-depth-dir", default="depth", help="... this depth folder name (default depth)")
-    g.add_argument("--omni3d-depth-format", choices=DEPTH_FORMATS, default="png_u16",
-                   help="Omni3D: how the depth files are stored (docs/pointmaps.md)")
-    g.add_argument("--omni3d-depth-scale", type=float, default=None, help="stored units per metre (default 1000)")
+    add_options(p, PointmapConfig, _GROUPS)
 
 
 def _make(args: argparse.Namespace):
@@ -465,29 +491,9 @@ def _make(args: argparse.Namespace):
     from pipelines.engine.plan import PlanError
 
     try:
-        return make_builder(_config_from_args(args))
+        return make_builder(options_from_args(PointmapConfig, args))
     except ValueError as exc:
         raise PlanError(f"pointmaps: {exc}") from None
-
-
-def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    sampler = SamplerConfig(n=args.points, mode=args.mode, min_valid_fraction=args.min_valid_fraction,
-                            max_depth=args.max_depth, depth_bins=args.depth_bins,
-                            edge_threshold=args.edge_threshold, edge_radius=args.edge_radius, seed=args.seed)
-    world = sample_world_of(args)
-    embodiedscan, omni3d, rgbd, data_root = list(args.embodiedscan), list(args.omni3d), args.rgbd, args.data_root
-    if world is not None:
-        embodiedscan += [str(p) for p in world.embodiedscan_files] if args.source == "embodiedscan" else []
-        omni3d += [str(p) for p in world.omni3d_files] if args.source == "omni3d" else []
-        rgbd = rgbd or (str(world.rgbd_root) if args.source == "rgbd" else None)
-        data_root = data_root or (str(world.root) if args.source != "rgbd" else None)
-    cfg = make_config(args.source, data_root=data_root or (rgbd if args.source == "rgbd" else None),
-                      embodiedscan=embodiedscan, omni3d=omni3d, rgbd=rgbd, sampler=sampler,
-                      points_per_conversation=args.points_per_conversation, conversations=args.conversations,
-                      keep_depth=args.keep_depth, omni3d_image_dir=args.omni3d_image_dir,
-                      omni3d_depth_dir=args.omni3d_depth_dir, omni3d_depth_format=args.omni3d_depth_format,
-                      omni3d_depth_scale=args.omni3d_depth_scale)
-    return cfg
 
 
 register_builder("pointmap", _make, aliases=("pointmaps",), help="point-map corpus: images with sampled surface points (u, v, X, Y, Z)",

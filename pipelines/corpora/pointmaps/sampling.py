@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.corpora.options import option
+
 __all__ = [
     "MODES",
     "SamplerConfig",
@@ -66,14 +68,17 @@ class SamplerConfig:
     mixed into every key's seed, to draw another point set from the same data.
     """
 
-    n: int = 100
-    mode: str = "uniform"
-    min_valid_fraction: float = 0.05
-    max_depth: float | None = None
-    depth_bins: int = 8
-    edge_threshold: float = 0.03
-    edge_radius: int = 1
-    seed: int = 0
+    n: int = option(100, group="pm", flag="--points", metavar="POINTS", type=int, help="points sampled per image (default 100)")
+    mode: str = option("uniform", group="pm", choices=MODES, help="sampling mode (default uniform)")
+    min_valid_fraction: float = option(
+        0.05, group="pm", type=float,
+        help="reject frames whose valid depth covers less than this fraction (default 0.05)")
+    max_depth: float | None = option(None, group="pm", type=float, help="treat depth beyond this (m) as invalid")
+    depth_bins: int = option(8, group="pm", type=int, help="strata of depth_stratified modes (default 8)")
+    edge_threshold: float = option(0.03, group="pm", type=float,
+                                   help="relative inverse-depth curvature that marks a depth edge (default 0.03)")
+    edge_radius: int = option(1, group="pm", type=int, help="pixels excluded around depth edges (default 1)")
+    seed: int = option(0, group="pm", type=int, help="mixed into every key's sampling seed (default 0)")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
