@@ -29,7 +29,7 @@ import numpy as np
 from shards.layout import shards_dir, tar_path
 from shards.writer import tar_trailer
 
-__all__ = ["decode_sample", "iter_samples", "make_webdataset", "node_info", "read_sample", "shard_urls"]
+__all__ = ["decode_sample", "iter_samples", "iter_tar", "make_webdataset", "node_info", "read_sample", "shard_urls"]
 
 _TAR_NAME = re.compile(r"^[0-9]{6}\.tar$")
 
@@ -70,6 +70,36 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def iter_tar(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The samples of one shard tar, decoded as `decode_sample` does (json and npy decoded, the rest bytes).
+
+    Plain `tarfile`, no webdataset (which pulls in torch, ~2 s): for tools that read a build in this
+    process (audit, evaluation). Members of a sample are contiguous (the writer's contract), so a sample
+    ends where the key changes; KEY has no dots, so the extension is everything after the first one.
+    """
+    cur: dict[str, Any] | None = None
+    with tarfile.open(path, mode="r:") as tf:
+        for m in tf:
+            f = tf.extractfile(m) if m.isreg() else None
+            if f is None:
+                continue
+            ext = m.name.rpartition("/")[2].partition(".")[2]
+            key = m.name[: len(m.name) - len(ext) - 1]
+            if cur is None or cur["__key__"] != key:
+                if cur is not None:
+                    yield cur
+                cur = {"__key__": key, "__url__": str(path)}
+            data = f.read()
+            if ext == "json":
+                cur["json"] = json.loads(data)
+            elif ext.endswith("npy"):
+                cur[ext] = np.load(io.BytesIO(data), allow_pickle=False)
+            else:
+                cur[ext] = data
+    if cur is not None:
+        yield cur
 
 
 def iter_samples(build_dir_or_urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Iterator[dict[str, Any]]:

@@ -75,3 +75,19 @@ def test_rank_resolution(monkeypatch: pytest.MonkeyPatch, build: Path) -> None:
     assert len(list(iter_samples(build))) == N_SHARDS * PER_SHARD
     pts = [s["points.npy"] for s in iter_samples(shard_urls(build)[:1]) if "points.npy" in s]
     assert pts and all(p.dtype == np.float32 and p.shape[1] == 5 for p in pts)
+
+
+def test_iter_tar_reads_what_webdataset_reads(build: Path) -> None:
+    """`iter_tar` (plain tarfile: the audit and the evaluator) and `iter_samples` (webdataset) agree."""
+    from shards.reader import iter_tar
+
+    plain = [s for u in shard_urls(build) for s in iter_tar(u)]
+    wds = list(iter_samples(build))
+    assert [s["__key__"] for s in plain] == [s["__key__"] for s in wds] and len(plain) == N_SHARDS * PER_SHARD
+    for a, b in zip(plain, wds):
+        assert set(a) - {"__url__"} == set(b) - {"__url__", "__local_path__"}, a["__key__"]
+        for k, v in a.items():
+            if isinstance(v, np.ndarray):
+                np.testing.assert_array_equal(v, b[k])
+            elif k != "__url__":
+                assert v == b[k], (a["__key__"], k)

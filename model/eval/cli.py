@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import sys
-import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -229,21 +228,17 @@ def references_from_records(records: Iterable[Mapping[str, Any]]) -> dict[str, l
 
 
 def _iter_shard_records(build_dir: Path) -> Iterator[dict[str, Any]]:
-    """KEY.json members of every shard of a build (the layout `shards.layout` fixes), without webdataset."""
+    """The records (KEY.json) of every shard of a build, in shard then key order, without webdataset."""
     from shards.layout import SHARDS_DIR
-    from shards.reader import shard_urls
+    from shards.reader import iter_tar, shard_urls
 
     tars = [Path(u) for u in shard_urls(build_dir)] if (build_dir / SHARDS_DIR).is_dir() else []
     if not tars:
         raise FileNotFoundError(f"no shards/*.tar under {build_dir}")
     for t in tars:
-        with tarfile.open(t) as tf:
-            for m in tf:
-                # KEY has no dots, so the record is the member whose name ends in exactly ".json"
-                if m.isfile() and m.name.endswith(".json") and m.name.count(".") == 1:
-                    f = tf.extractfile(m)
-                    if f is not None:
-                        yield json.loads(f.read())
+        for sample in iter_tar(t):
+            if "json" in sample:
+                yield sample["json"]
 
 
 def run_ground2d(args: argparse.Namespace) -> int:

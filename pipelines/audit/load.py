@@ -324,36 +324,10 @@ def load_build(build_dir: str | os.PathLike[str], *, ground_truth: str | os.Path
 
 
 def _iter_tar(path: Path) -> Iterator[dict[str, Any]]:
-    """Samples of one shard as `shards.reader` decodes them (json and npy decoded, the rest bytes).
+    """Samples of one shard (`shards.reader.iter_tar`: plain tarfile, no webdataset/torch)."""
+    from shards.reader import iter_tar
 
-    Plain `tarfile` instead of `shards.reader.iter_samples`: webdataset pulls in torch (~2 s) and
-    the audit needs neither; members of a sample are contiguous (the writer's contract).
-    """
-    import io
-    import tarfile
-
-    cur: dict[str, Any] | None = None
-    with tarfile.open(path, mode="r:") as tf:
-        for m in tf:
-            f = tf.extractfile(m) if m.isreg() else None
-            if f is None:
-                continue
-            base = m.name.rpartition("/")[2]
-            ext = base.partition(".")[2]
-            key = m.name[: len(m.name) - len(ext) - 1]
-            if cur is None or cur["__key__"] != key:
-                if cur is not None:
-                    yield cur
-                cur = {"__key__": key, "__url__": str(path)}
-            data = f.read()
-            if ext == "json":
-                cur["json"] = json.loads(data)
-            elif ext.endswith("npy"):
-                cur[ext] = np.load(io.BytesIO(data), allow_pickle=False)
-            else:
-                cur[ext] = data
-    if cur is not None:
-        yield cur
+    return iter_tar(path)
 
 
 def _point_summary(arr: np.ndarray, z: np.ndarray, rec: Mapping[str, Any]) -> dict[str, float]:
