@@ -9,7 +9,7 @@ Inputs are untrusted and huge, so one bad image or record must never stop a read
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,9 @@ __all__ = [
     "SourceError",
     "PathEscapesRoot",
     "read_reject",
+    "read_each",
+    "reject_item",
+    "item_reject",
     "is_reject",
     "split_results",
     "resolve_under",
@@ -61,6 +64,36 @@ class PathEscapesRoot(ValueError):
 def read_reject(key: str, reason: str, message: str) -> ReadReject:
     """A reject row of stage "read"."""
     return Reject(key=key, stage="read", reason=reason, message=message)
+
+
+def read_each(files: Iterable[Any], read: Callable[[Any], Iterable[ReadResult]],
+              bad_file_key: Callable[[Any], str]) -> Iterator[ReadResult]:
+    """Every file's items and read rejects, file after file; a file whose reader raises `SourceError` (the
+    file as a whole is unusable) ends in one `bad_source_file` reject after what it yielded, and the other
+    files are still read. `bad_file_key(file)` is that reject's key (each corpus names its own).
+    """
+    for f in files:
+        try:
+            yield from read(f)
+        except SourceError as exc:
+            yield read_reject(bad_file_key(f), "bad_source_file", str(exc))
+
+
+def reject_item(key: str, r: Reject) -> Item:
+    """A read reject as a listing item (plans hold items): the first stage turns it back (`item_reject`)."""
+    return {"key": key, "read_reject": {"reason": r.reason, "message": r.message}}
+
+
+def item_reject(item: Item, stage: str = "read") -> Reject | None:
+    """The reject an item carries (`reject_item`'s dict, or cot's `[reason, message]`), else None.
+
+    cot's listing keeps its list form: the plan digests of its chunks hash the items as they are.
+    """
+    rr = item.get("read_reject")
+    if rr is None:
+        return None
+    reason, message = (rr["reason"], rr["message"]) if isinstance(rr, dict) else rr
+    return Reject(item["key"], stage, reason, message)
 
 
 def is_reject(x: object) -> bool:

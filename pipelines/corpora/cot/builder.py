@@ -133,21 +133,18 @@ def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
     (written + rejected = input). A whole unreadable file (not UTF-8, invalid or truncated JSON) is one
     `bad_source_file` item (with the records read before the damage), as in det3d and pointmaps.
     """
-    from pipelines.sources.common import SourceError
+    from pipelines.sources.common import read_each
     from pipelines.sources.refspatial import RefSpatialFile, read_refspatial
     from shards.keys import make_key
 
     specs = [RefSpatialFile(f["json"], f["image_root"], f["depth_root"], tag=f["tag"]) for f in config["files"]]
-    for spec in specs:
-        try:
-            for r in read_refspatial([spec], check_files=True):
-                if isinstance(r, Reject):
-                    yield {"key": r.key, "read_reject": [r.reason, r.message]}
-                    continue
-                yield {"key": r["key"], "id": r["id"], "source": {**r["source"], "record_index": r["record_index"]},
-                       "image_paths": r["image_paths"], "conversations": r["conversations"]}
-        except SourceError as exc:  # the file as a whole is unusable: one reject row, the other files go on
-            yield {"key": make_key("cot", "source_file", spec.file_tag()), "read_reject": ["bad_source_file", str(exc)]}
+    for r in read_each(specs, lambda spec: read_refspatial([spec], check_files=True),
+                       lambda spec: make_key("cot", "source_file", spec.file_tag())):
+        if isinstance(r, Reject):  # [reason, message]: the form this corpus's plan digests were taken of
+            yield {"key": r.key, "read_reject": [r.reason, r.message]}
+            continue
+        yield {"key": r["key"], "id": r["id"], "source": {**r["source"], "record_index": r["record_index"]},
+               "image_paths": r["image_paths"], "conversations": r["conversations"]}
 
 
 # ============================================================================ builder

@@ -16,6 +16,7 @@ from pipelines.corpora.cot.common import (
 )
 from pipelines.corpora.cot.text import _clean_human, _norm_box, _truncate, compose_turn, find_point_lists
 from pipelines.engine.stage import Item, Reject, Resources, Stage
+from pipelines.sources.common import item_reject
 
 
 class ReadStage(Stage):
@@ -44,9 +45,9 @@ class ReadStage(Stage):
         def rej(reason: str, msg: str) -> tuple[None, Reject]:
             return None, Reject(key, self.name, reason, msg)
 
-        if "read_reject" in it:
-            reason, msg = it["read_reject"]
-            return rej(reason, msg)
+        read_rej = item_reject(it, self.name)
+        if read_rej is not None:
+            return None, read_rej
         if len(it["image_paths"]) != 1:
             return rej("multi_image", f"{len(it['image_paths'])} images; a cot sample grounds in one image")
         turns = it["conversations"]

@@ -88,7 +88,8 @@ def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
     `bad_source_file` reject row instead of stopping the build.
     """
     from pipelines.engine.stage import Reject as _Reject
-    from pipelines.sources import SourceError, read_embodiedscan, read_omni3d
+    from pipelines.sources import read_embodiedscan, read_omni3d
+    from pipelines.sources.common import read_each, reject_item
     from shards.keys import make_key
 
     root = config["data_root"]
@@ -101,7 +102,7 @@ def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
                 n += 1
                 key = make_key(*r.key.split("/"), f"dup-{n}")
             seen.add(key)
-            return {"key": key, "read_reject": {"reason": r.reason, "message": r.message}}
+            return reject_item(key, r)
         if r["key"] in seen:  # readers never repeat an item key; a reject may have taken it first
             return entry(_Reject(r["key"], READ_STAGE, "duplicate_key", f"another input already has key {r['key']}"),
                          lean)
@@ -109,11 +110,8 @@ def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
         return lean(r)
 
     def read_file(path: str, reader: Any, lean: Any) -> Iterator[Item]:
-        try:
-            for r in reader(path):
-                yield entry(r, lean)
-        except SourceError as exc:  # the file as a whole is unusable: one reject row says so
-            yield entry(_Reject(make_key("det3d", "source_file", path), READ_STAGE, "bad_source_file", str(exc)), lean)
+        for r in read_each([path], reader, lambda p: make_key("det3d", "source_file", p)):
+            yield entry(r, lean)
 
     conv = config.get("convert", {})
     rules = omni3d_rules(conv.get("omni3d_ignore", "train"), conv.get("omni3d_rules"))
@@ -139,15 +137,16 @@ class Det3dRead(Stage):
 
     def process(self, batch: list[Item]) -> tuple[list[Item], list[Reject]]:
         from pipelines.corpora.det3d.convert import image_header
+        from pipelines.sources.common import item_reject
         from shards.writer import image_problem
 
         outs: list[Item] = []
         rejects: list[Reject] = []
         for it in batch:
             key = it["key"]
-            rr = it.get("read_reject")
+            rr = item_reject(it, READ_STAGE)
             if rr is not None:
-                rejects.append(Reject(key, READ_STAGE, rr["reason"], rr["message"]))
+                rejects.append(rr)
                 continue
             path = it["image_path"]
             try:

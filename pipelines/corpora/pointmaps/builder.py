@@ -161,7 +161,7 @@ def _reader_items(config: dict[str, Any]):
     """The reader's items and rejects, file by file: a whole file that cannot be read (an unsafe or truncated
     pickle, invalid JSON) becomes one `bad_source_file` reject and the other files are still read, as in det3d.
     """
-    from pipelines.sources.common import SourceError, read_reject, relative_to_root
+    from pipelines.sources.common import read_each, relative_to_root
     from shards.keys import make_key
 
     src = config["source"]
@@ -180,12 +180,8 @@ def _reader_items(config: dict[str, Any]):
         return
     else:
         raise ValueError(f"unknown point-map source {src!r}; choose one of {', '.join(SOURCES)}")
-    for f in files:
-        try:
-            yield from read(f)
-        except SourceError as exc:
-            rel = relative_to_root(f, config["data_root"])
-            yield read_reject(make_key("pointmap", "source_file", rel), "bad_source_file", str(exc))
+    yield from read_each(files, read, lambda f: make_key("pointmap", "source_file",
+                                                         relative_to_root(f, config["data_root"])))
 
 
 def _input_of(it: Item, config: dict[str, Any]) -> Item:
@@ -233,7 +229,7 @@ def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
     repeats an earlier input key (EmbodiedScan's `duplicate_key`) gets a `-dupN` suffix: keys must stay
     unique.
     """
-    from pipelines.sources.common import is_reject
+    from pipelines.sources.common import is_reject, reject_item
 
     seen: dict[str, int] = {}
     for r in _reader_items(config):
@@ -243,7 +239,7 @@ def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
                 seen[key] += 1
                 key = f"{key}-dup{seen[key]}"
             seen.setdefault(key, 0)
-            yield {"key": key, "read_reject": {"reason": r.reason, "message": r.message}}
+            yield reject_item(key, r)
         else:
             if r["key"] in seen:
                 seen[r["key"]] += 1
@@ -269,11 +265,13 @@ class ReadFrame(Stage):
     resources = Resources(cpus=1)
 
     def process(self, batch: list[Item]) -> tuple[list[Item], list[Reject]]:
+        from pipelines.sources.common import item_reject
+
         out, rejects = [], []
         for it in batch:
-            r = it.get("read_reject")
+            r = item_reject(it)
             if r is not None:
-                rejects.append(Reject(it["key"], "read", r["reason"], r["message"]))
+                rejects.append(r)
                 continue
             try:
                 out.append(self._read(it))
