@@ -62,9 +62,11 @@ def run_train(args: argparse.Namespace, overrides: list[str] | None = None) -> i
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after the tokenizer ran
     from model.train import train
+    from shards.interrupt import stop_on_signals
 
     try:
-        train(cfg, resume=args.resume)
+        with stop_on_signals():  # SIGINT/SIGTERM: `Interrupted`, told by `gr3d` in one line (130/143)
+            train(cfg, resume=args.resume)
     except (FileExistsError, FileNotFoundError) as e:  # run-directory and path mistakes: no traceback
         print(f"gr3d train: {e}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ from torch import nn
 
 from model.data import ExampleSpec, TrainLoader, parse_mix
 from model.train_config import TrainConfig, config_to_dict
+from shards import interrupt
 
 __all__ = ["train", "TrainStep", "DistInfo", "lr_lambda", "find_latest_checkpoint", "plot_metrics",
            "count_loss_tokens", "build_model", "enable_gradient_checkpointing", "Metrics"]
@@ -349,16 +350,11 @@ class Metrics:
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            path.write_text("")
-        elif path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(k + "\n" for k in keep))
+        _trim_jsonl(path, resume_step)
 
     def write(self, rec: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
+            with interrupt.deferred(), open(self.path, "a") as f:  # a stop never leaves half a line
                 f.write(json.dumps(rec, sort_keys=True) + "\n")
 
 
@@ -534,7 +530,7 @@ def _train(cfg: TrainConfig, resume: str, d: DistInfo) -> dict[str, Any]:
                 win_samples += len(b["keys"])
                 win_tokens += int(b["attention_mask"].sum())
             if samples_log is not None:
-                with open(samples_log, "a") as f:
+                with interrupt.deferred(), open(samples_log, "a") as f:
                     f.write(json.dumps({"step": step + 1, "keys": [k for b in window for k in b["keys"]]}) + "\n")
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
             gn_f = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
@@ -569,15 +565,21 @@ def _train(cfg: TrainConfig, resume: str, d: DistInfo) -> dict[str, Any]:
                     print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
                 win_t, win_samples, win_tokens = now, 0, 0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < max_steps:
-                save_checkpoint(out, step, wrapped, opt, sched, loader, d, cfg, {"loss": last_loss})
-                if d.is_main:
-                    plot_metrics(out / "metrics.jsonl", out / "loss.png")
+                with interrupt.deferred():  # a stop waits for the checkpoint and its curve
+                    save_checkpoint(out, step, wrapped, opt, sched, loader, d, cfg, {"loss": last_loss})
+                    if d.is_main:
+                        plot_metrics(out / "metrics.jsonl", out / "loss.png")
+    except interrupt.Interrupted as exc:
+        at = (find_latest_checkpoint(out) or Path("step 0 (no checkpoint yet)")).name
+        raise exc.with_message(f"interrupted by {exc.signal_name} at step {step} of {max_steps}; nothing half-"
+                               f"written; run the same command with --resume auto to continue from {at}") from None
     finally:
         batches.close()
     if tty and d.is_main:
         print(file=sys.stderr)
-    final_ckpt = save_checkpoint(out, step, wrapped, opt, sched, loader, d, cfg, {"loss": last_loss})
-    final_dir = export_final(out / "final", wrapped, cfg, d) if cfg.export_final else None
+    with interrupt.deferred():
+        final_ckpt = save_checkpoint(out, step, wrapped, opt, sched, loader, d, cfg, {"loss": last_loss})
+        final_dir = export_final(out / "final", wrapped, cfg, d) if cfg.export_final else None
     summary = {"event": "end", "step": step, "loss": last_loss, "checkpoint": str(final_ckpt),
                "final": str(final_dir) if final_dir else None, "elapsed_s": time.time() - t0,
                "data": loader.state_dict()}
@@ -590,8 +592,8 @@ def _train(cfg: TrainConfig, resume: str, d: DistInfo) -> dict[str, Any]:
 
 
 def _trim_jsonl(path: Path, keep_upto: int | None) -> None:
-    if keep_upto is None or not path.is_file():
-        path.write_text("")
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_upto]
-    path.write_text("".join(k + "\n" for k in keep))
+    """Keep the lines of steps <= `keep_upto` (none when None): a resumed run continues one clean log."""
+    keep = [] if keep_upto is None or not path.is_file() else [
+        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_upto]
+    with interrupt.deferred():  # a stop mid-rewrite would lose the kept lines
+        path.write_text("".join(k + "\n" for k in keep))

@@ -127,8 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # what parse_args does, but a command may report it its own way (`usage_error`)
         getattr(args, "usage_error", parser.error)(f"unrecognized arguments: {' '.join(extra)}")
+    from shards.interrupt import Interrupted
+
     try:
         return int(args.func(args) or 0)
+    except Interrupted as exc:  # SIGINT / SIGTERM, after the command's clean-up: one line, 130 / 143
+        print(f"gr3d {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -29,7 +29,7 @@ from shards import jsonio
 __all__ = [
     "SHARD_DIGITS", "SHARDS_DIR", "INTERMEDIATE_DIR", "PLAN_FILE", "INDEX_FILE", "REJECTS_FILE", "MANIFEST_FILE",
     "RUN_FILE", "FEATURES_FILE", "CARD_FILE", "BUILD_OUTPUTS", "BuildLayout", "shard_name", "shards_dir", "tar_path", "index_path", "rejects_path",
-    "stats_path", "intermediate_path", "is_done", "clean_partial",
+    "stats_path", "intermediate_path", "is_done", "clean_partial", "remove_intermediate_temps",
 ]
 
 SHARD_DIGITS = 6
@@ -111,6 +111,15 @@ def clean_partial(build_dir: str | os.PathLike[str], index: int, *, force: bool 
 
 
 # ---------------------------------------------------------------- tar bytes
+
+
+def remove_intermediate_temps(build_dir: str | os.PathLike[str]) -> None:
+    """Delete torn writes of model intermediates (temp files a killed or interrupted worker left)."""
+    inter = Path(build_dir) / INTERMEDIATE_DIR
+    if inter.is_dir():
+        for stage_dir in inter.iterdir():
+            for p in stage_dir.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
 
 
 def intermediate_path(build_dir: str | os.PathLike[str], stage_name: str, index: int) -> Path:

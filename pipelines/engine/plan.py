@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.engine.stage import Item, Stage
-from shards.layout import INTERMEDIATE_DIR, PLAN_FILE, BuildLayout, shards_dir
+from shards.layout import INTERMEDIATE_DIR, PLAN_FILE, BuildLayout, remove_intermediate_temps, shards_dir
 
 
 class PlanError(ValueError):
@@ -324,11 +324,10 @@ def prepare_build_dir(plan: BuildPlan, builder_name: str, config: dict[str, Any]
         head = p.name.split(".", 1)[0]
         if head.isdigit() and int(head) >= n:
             p.unlink()
+    remove_intermediate_temps(d)
     inter = d / INTERMEDIATE_DIR
     if inter.is_dir():
         for stage_dir in inter.iterdir():
-            for p in stage_dir.glob(".*.tmp"):  # torn writes of a killed run
-                p.unlink(missing_ok=True)
             for p in stage_dir.glob("*.parquet"):
                 head = p.name.split(".", 1)[0]
                 if head.isdigit() and (int(head) >= n or int(head) in plan.stale):

@@ -39,7 +39,8 @@ from pipelines.engine.progress import Progress
 from pipelines.engine.stage import Stage, StageSetupError, _rebuild_setup_error
 
 # shards.writer is light (numpy, pyarrow, jsonschema); Ray and Beam are imported by their executors only.
-from shards.layout import is_done, stats_path
+from shards import interrupt
+from shards.layout import clean_partial, is_done, remove_intermediate_temps, stats_path
 
 EXECUTORS = ("ray", "beam", "local")
 DEFAULT_CHUNK_SIZE = 1000
@@ -146,8 +147,28 @@ def run_build(builder: Builder, out_dir: str | Path, executor: str = "ray", *, w
     Resumes by default: chunks whose shard is done are skipped, the others are redone from scratch.
     `chunk_size=None` takes the chunk size of the build being resumed, else DEFAULT_CHUNK_SIZE.
     `overwrite=True` deletes the previous build outputs first. `dry_run=True` only plans.
-    Raises `StageSetupError` if a stage cannot set up, `BuildError` if the run cannot complete.
+    Raises `StageSetupError` if a stage cannot set up, `BuildError` if the run cannot complete, and
+    `shards.interrupt.Interrupted` on SIGINT / SIGTERM, after the executor stopped its workers and the
+    unfinished chunks' partial files were removed (its message says how many shards are done).
     """
+    with interrupt.stop_on_signals():
+        try:
+            return _run_build(builder, out_dir, executor, workers=workers, chunk_size=chunk_size, limit=limit,
+                              overwrite=overwrite, dry_run=dry_run, ray_address=ray_address, num_gpus=num_gpus,
+                              beam_options=beam_options, show_progress=show_progress,
+                              progress_interval=progress_interval)
+        except interrupt.Interrupted as exc:
+            if exc.told:
+                raise
+            # Stopped while listing, planning or finalizing: nothing half-written is left either way.
+            raise exc.with_message(f"interrupted by {exc.signal_name}; run the same command again to resume") \
+                from None
+
+
+def _run_build(builder: Builder, out_dir: str | Path, executor: str, *, workers: int | None,
+               chunk_size: int | None, limit: int | None, overwrite: bool, dry_run: bool, ray_address: str | None,
+               num_gpus: float | None, beam_options: Sequence[str] | None, show_progress: bool,
+               progress_interval: float) -> BuildResult:
     if executor not in EXECUTORS:
         raise BuildError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if workers is not None and workers < 1:
@@ -183,6 +204,8 @@ def run_build(builder: Builder, out_dir: str | Path, executor: str = "ray", *, w
                                                   beam_options=list(beam_options or [])))
             except StageSetupError:
                 raise
+            except interrupt.Interrupted as exc:
+                raise _interrupted(exc, plan, prog) from None
             except Exception as exc:
                 err = find_setup_error(exc)
                 if err is not None:
@@ -198,6 +221,18 @@ def run_build(builder: Builder, out_dir: str | Path, executor: str = "ray", *, w
     result.seconds = time.perf_counter() - t0
     result.manifest = _finalize(builder, result, workers, ray_address, beam_options)
     return result
+
+
+def _interrupted(exc: interrupt.Interrupted, plan: BuildPlan, prog: Progress) -> interrupt.Interrupted:
+    """After the executor stopped: drop the unfinished chunks' partial files; say where the build stands."""
+    prog.enabled = False  # no progress line after the stop line
+    for i in plan.todo:
+        if not is_done(plan.build_dir, i):
+            clean_partial(plan.build_dir, i)
+    remove_intermediate_temps(plan.build_dir)
+    done = sum(is_done(plan.build_dir, c.index) for c in plan.chunks)
+    return exc.with_message(f"interrupted by {exc.signal_name} after {done} of {len(plan.chunks)} shards; "
+                            "run the same command again to resume")
 
 
 def _finalize(builder: Builder, result: BuildResult, workers: int | None, ray_address: str | None,

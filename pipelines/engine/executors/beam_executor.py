@@ -25,6 +25,7 @@ import os
 import pickle
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import apache_beam as beam
@@ -37,10 +38,12 @@ from apache_beam.options.pipeline_options import (
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from pipelines.engine import progress as progress_mod
+from pipelines.engine import reaper
 from pipelines.engine.chunk import load_state, run_stage, segments, write_chunk
 from pipelines.engine.plan import BuildPlan
 from pipelines.engine.progress import Progress
 from pipelines.engine.stage import Stage
+from shards import interrupt
 
 LOCAL_RUNNERS = {None, "DirectRunner", "FnApiRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner"}
 
@@ -122,9 +125,17 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
         poller = threading.Thread(target=_poll_stats, args=(plan, todo, progress, stop), daemon=True,
                                   name="gr3d-progress")
         poller.start()
+    # A local run's SDK worker processes are tagged and reaped when the block ends, even on SIGKILL of
+    # this driver; a portable runner's workers are the cluster's (the job is cancelled on SIGINT/SIGTERM).
+    guard = reaper.owned_processes() if local else nullcontext()
     try:
-        result = p.run()
-        result.wait_until_finish()
+        with guard:
+            result = p.run()
+            try:
+                result.wait_until_finish()
+            except interrupt.Interrupted:
+                _cancel(result)
+                raise
     finally:
         stop.set()
         if poller is not None:
@@ -132,6 +143,14 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
     if progress is not None and not in_process:
         _count_stats(plan, todo, progress)
     return [i for i in todo if is_done(plan.build_dir, i)]
+
+
+def _cancel(result: Any) -> None:
+    """Best effort: ask the runner to stop the job (not every runner can)."""
+    try:
+        result.cancel()
+    except Exception:  # noqa: BLE001 - the job may be finished already or the runner may not cancel
+        pass
 
 
 def _count_stats(plan: BuildPlan, todo: list[int], progress: Progress) -> None:

@@ -36,16 +36,19 @@ import os
 import pickle
 import threading
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import pyarrow as pa
 import ray
 
+from pipelines.engine import reaper
 from pipelines.engine.chunk import ChunkState, Segment, load_state, run_stage, segments, write_chunk
 from pipelines.engine.plan import BuildPlan
 from pipelines.engine.progress import Progress
 from pipelines.engine.run import BuildError
 from pipelines.engine.stage import Stage
+from shards import interrupt
 
 # Ray Data path only: tasks in flight per worker slot, each asking 1/this of the slot's CPU, so one
 # computes while another waits on Ray Data's scheduling round trip between chunks (~0.1-0.3 s).
@@ -209,8 +212,14 @@ def _run_tasks(stages: Sequence[Stage], plan: BuildPlan, todo: list[int], cpus: 
         raise
 
 
-def _init_ray(ray_address: str | None) -> bool:
-    """Connect to Ray; returns True when this call started it (and so must shut it down)."""
+def _init_ray(ray_address: str | None, guard: ExitStack) -> bool:
+    """Connect to Ray; returns True when this call started it (and so must shut it down).
+
+    An embedded Ray is started inside `reaper.owned_processes()` (entered on `guard`): its processes
+    are tagged and killed by a watchdog if this driver dies without shutting them down. A joined cluster
+    is never guarded: its processes are not ours. Either way our SIGINT/SIGTERM handlers go back on top
+    of Ray's (`interrupt.rearm`), which would otherwise print a native stack dump and exit.
+    """
     if ray.is_initialized():
         return False
     address = ray_address or os.environ.get("RAY_ADDRESS") or None
@@ -218,7 +227,9 @@ def _init_ray(ray_address: str | None) -> bool:
         ray.init(address=address, log_to_driver=True)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded local Ray: no token file in ~/.ray
+        guard.enter_context(reaper.owned_processes())
         ray.init(include_dashboard=False, log_to_driver=True)
+    interrupt.rearm()
     return True
 
 
@@ -272,7 +283,15 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
 
     Plain tasks when no stage needs an actor pool (`_run_tasks`), else the Ray Data pipeline.
     """
-    started = _init_ray(ray_address)
+    guard = ExitStack()
+    with guard:
+        return _execute(stages, plan, guard, progress=progress, workers=workers, ray_address=ray_address,
+                        num_gpus=num_gpus)
+
+
+def _execute(stages: Sequence[Stage], plan: BuildPlan, guard: ExitStack, *, progress: Progress | None,
+             workers: int | None, ray_address: str | None, num_gpus: float | None) -> list[int]:
+    started = _init_ray(ray_address, guard)
     stop = threading.Event()
     poller = None
     try:
@@ -307,7 +326,7 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
     finally:
         stop.set()
         if started:
-            ray.shutdown()
+            ray.shutdown()  # stops this run's workers and actors (interrupted or not), then the local Ray
 
 
 def _run_dataset(rplan: list[dict[str, Any]], plan: BuildPlan, todo: list[int], pactor: Any) -> list[int]:
