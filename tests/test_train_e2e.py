@@ -37,7 +37,7 @@ def test_sample_world_det3d_train_kill_resume_and_evaluate(sample_world, tmp_pat
            "--data.root", str(builds), "--data.mix", "det3d@1", "--out", str(out), "--max_steps", str(STEPS),
            "--checkpoint_every", str(EVERY), "--log_every", "20", "--data.batch_size", "8",
            "--data.num_workers", "2"]
-    assert kill_after_first_checkpoint(cmd, out) == -signal.SIGKILL
+    assert kill_after_first_checkpoint(cmd, out)[0] == -signal.SIGKILL
     ckpt = find_latest_checkpoint(out)
     assert ckpt is not None and ckpt.name == f"step_{EVERY:06d}" and not (out / "final").exists()
     saved = json.loads((ckpt / "data_rank_00000.json").read_text())
