@@ -68,6 +68,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype")
     gen.add_argument("--limit-images", type=int, default=None, help="only the first N images (smoke runs)")
+    gen.add_argument("--constrained", action="store_true",
+                     help="grammar-constrained decoding (model.constrained): every answer parses")
+    gen.add_argument("--max-objects", type=int, default=8, help="with --constrained: objects per answer at most")
+    d.add_argument("--visualize", type=int, default=0, metavar="N",
+                   help="draw predicted (red) and ground-truth (green) 3D boxes on the first N images: OUT/vis/*.png")
     d.set_defaults(func=run_det3d)
 
     g = sub.add_parser(
@@ -150,6 +155,13 @@ def _generate_predictions(args: argparse.Namespace, gt: Any, out: Path) -> list[
     def progress(done: int, total: int) -> None:
         print(f"\rgenerating: {done}/{total} prompts", end="", file=sys.stderr, flush=True)
 
+    factory = None
+    if args.constrained:
+        from model.constrained import GrammarConstraint
+
+        def factory() -> Any:
+            return GrammarConstraint(model.tokenizer, "detect", max_items=args.max_objects)
+
     preds = predict_omni3d(
         model,
         jobs,
@@ -158,6 +170,7 @@ def _generate_predictions(args: argparse.Namespace, gt: Any, out: Path) -> list[
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         progress=progress,
+        logits_processor_factory=factory,
     )
     print(file=sys.stderr)
     (out / "predictions.json").write_text(json.dumps(preds) + "\n")
@@ -195,6 +208,13 @@ def run_det3d(args: argparse.Namespace) -> int:
             f"{c['dropped_out_of_vocabulary']} outside their dataset's categories",
             file=sys.stderr,
         )
+    if args.visualize:
+        from model.eval.visualize import draw_detections
+
+        if not args.image_root:
+            raise SystemExit("gr3d eval det3d --visualize needs --image-root")
+        for path in draw_detections(gt, dets, args.image_root, out / "vis", args.visualize):
+            print(f"wrote {path}")
     print(f"wrote {out / 'det3d_eval.json'}")
     return 0
 
