@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+NOTES = "<!-- notes: kept by re-runs -->"
 METRICS = [("region3d", "AP3D"), ("region3d", "AP15"), ("region3d", "AP25"), ("region3d", "median_rel_depth_error"),
            ("detect3d", "AP3D"), ("detect3d", "AP15"), ("grounding", "acc50")]
 
@@ -219,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
               + json.dumps({k: r[k] for k in ("region3d", "detect3d", "grounding")}), flush=True)
     md = render(rows, a, work, config, steps, eval_images, grounding, load0, os.getloadavg(), t_start, train_s)
     report.parent.mkdir(parents=True, exist_ok=True)
+    old = report.read_text() if report.is_file() else ""
+    if NOTES in old:  # hand-written analysis below the marker survives a re-run
+        md += "\n" + old[old.index(NOTES):]
     report.write_text(md)
     print(md)
     return 0
