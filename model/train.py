@@ -454,14 +454,9 @@ def _train(cfg: TrainConfig, resume: str, d: DistInfo) -> dict[str, Any]:
     elif find_latest_checkpoint(out) is not None:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume auto to continue, or use another out")
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())  # 0: torch's default
     model = build_model(cfg, d.device)
-    n_train = model.set_stage(cfg.stage)
-    if cfg.model.train_vision:  # a random encoder must learn (stage 1 freezes SigLIP for a pretrained one)
-        for p in model.vision.parameters():
-            p.requires_grad_(True)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_train = model.set_stage(cfg.stage, train_vision=cfg.model.train_vision)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     step_mod = TrainStep(model, cfg.stage)

@@ -13,6 +13,7 @@ finished shards and checkpoints.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-models", action="store_true",
                    help="skip the CoT build with tiny Florence-2 / VLM models (the oracle build still runs)")
     p.set_defaults(func=run)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _step(title: str, argv: list[str], outputs: list[tuple[str, Path]]) -> None:
@@ -107,7 +112,11 @@ def run(args: argparse.Namespace) -> int:
           ["eval", "det3d", "--gt", val["omni3d"], "--checkpoint", str(run_dir / "final"),
            "--image-root", str(world), "--constrained", "--max-objects", "3", "--max-new-tokens", "300",
            "--visualize", "4", "--out", str(out / "eval")], outputs)
-    held_out = _held_out_table(world, builds, val["omni3d"], {"image": run_dir, "blind": blind_dir})
+    print("\nheld-out scenes (never trained on), grammar-constrained decoding, percent:")
+    _step("evaluate image model and blind baseline on held-out scenes (region->3D, detect_3d, grounding)",
+          ["eval", "heldout", "--gt", val["omni3d"], "--cot", str(builds / "cot_val"), "--image-root", str(world),
+           "--checkpoint", f"image={run_dir / 'final'}", f"blind={blind_dir / 'final'}",
+           "--limit-mentions", "40", "--out", str(out / "eval_heldout")], outputs)
 
     print(f"\n=== demo finished in {time.perf_counter() - t0:.0f} s; outputs:")
     rows = [
@@ -125,27 +134,12 @@ def run(args: argparse.Namespace) -> int:
     for label, path in rows:
         if path.exists():
             print(f"  {label:55s} {path}")
-    print("\nheld-out scenes (never trained on), tiny model after "
-          f"{args.steps} CPU steps, grammar-constrained decoding:\n{held_out}")
-    print("(a pipeline check at demo scale; the learning benchmark with the small preset: bench/learning.md)")
+    ev = out / "eval_heldout" / "heldout_eval.json"
+    print(f"\nheld-out scenes, tiny model after {args.steps} CPU steps next to its blind baseline ({ev}):")
+    for name, r in json.loads(ev.read_text()).items():
+        g = r.get("grounding") or {}
+        print(f"  {name:6s} region->3D AP15 {_pct(r['region3d']['AP15'])}, median depth error "
+              f"{r['region3d']['median_rel_depth_error']}; detect_3d AP15 {_pct(r['detect3d']['AP15'])}; "
+              f"grounding Acc@0.5 {_pct(g.get('acc50'))}")
+    print("  (a pipeline check at demo scale; the learning benchmark with the small preset: bench/learning.md)")
     return 0
-
-
-def _held_out_table(world: Path, builds: Path, val_omni3d: str, runs: dict[str, Path]) -> str:
-    """Region->3D, detect_3d and grounding of each run on the held-out scenes, one line each."""
-    from model.checkpoint import load_pretrained
-    from model.eval.heldout import eval_detect3d, eval_grounding, eval_region3d, grounding_items
-    from model.eval.io import load_omni3d_gt
-
-    gt = load_omni3d_gt([val_omni3d])
-    items = grounding_items(builds / "cot_val", limit=40)
-    lines = [f"  {'model':8s} {'r->3D AP15':>10s} {'r->3D depth err':>15s} {'det AP15':>9s} {'Acc@0.5':>8s}"]
-    for name, run in runs.items():
-        t0 = time.perf_counter()
-        model = load_pretrained(run / "final")
-        r3 = eval_region3d(model, gt, world)
-        det, _ = eval_detect3d(model, gt, world)
-        gr = eval_grounding(model, items)
-        lines.append(f"  {name:8s} {100 * (r3['AP15'] or 0):10.1f} {r3['median_rel_depth_error']:15.2f} "
-                     f"{100 * (det['AP15'] or 0):9.1f} {100 * gr['acc50']:8.1f}   ({time.perf_counter() - t0:.0f} s)")
-    return "\n".join(lines)
