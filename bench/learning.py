@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="training runs (then evaluations) at once, in separate processes")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra training overrides, e.g. data.batch_size=8 (recorded in the report's command)")
+    p.add_argument("--report-only", action="store_true", help="no training or evaluation: table of the finished ones")
     p.add_argument("--report", type=Path, default=None, help="markdown report (default bench/learning.md)")
     a = p.parse_args(argv)
     work: Path = a.work.resolve()
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "blind (constrained)": [], "category prior": [prior]}
     runs = [(v, seed, work / "runs" / f"{v}_s{seed}") for seed in a.seeds for v in ("image", "blind")]
     t0 = time.perf_counter()
-    pending = [r for r in runs if not (r[2] / "final" / "gr3d_config.json").is_file()]
+    pending = [r for r in runs if not (r[2] / "final" / "gr3d_config.json").is_file()] if not a.report_only else []
     # up to --parallel training processes at once (each: 1 torch thread + its DataLoader worker)
     while pending:
         batch, pending = pending[:a.parallel], pending[a.parallel:]
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"training failed: {' '.join(map(str, pr.args))}")
     train_s = {"all runs": time.perf_counter() - t0}
     evals = [(v, seed, run, c) for v, seed, run in runs for c in ((True, False) if v == "image" else (True,))]
+    if a.report_only:  # only what is already evaluated
+        evals = [e for e in evals if (results / f"{e[0]}_s{e[1]}_{'constrained' if e[3] else 'free'}.json").is_file()]
     args = [(run, world, builds, results / f"{v}_s{seed}_{'constrained' if c else 'free'}.json", c, eval_images,
              grounding, a.threads) for v, seed, run, c in evals]
     t0 = time.perf_counter()
