@@ -29,7 +29,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTES = "<!-- notes: kept by re-runs -->"
-METRICS = [("region3d", "AP3D"), ("region3d", "AP15"), ("region3d", "AP25"), ("region3d", "median_rel_depth_error"),
+METRICS = [("region3d", "parsed"), ("region3d", "AP3D"), ("region3d", "AP15"), ("region3d", "AP25"), ("region3d", "median_rel_depth_error"),
            ("detect3d", "AP3D"), ("detect3d", "AP15"), ("grounding", "acc50")]
 
 
@@ -128,6 +128,8 @@ def prior_result(world: Path, builds: Path, result: Path, eval_images: int, grou
 def _fmt(s: dict[str, Any], pct: bool) -> str:
     if s["mean"] is None:
         return "-"
+    if s["mean"] == float("inf"):
+        return "inf (nothing parsed)"
     k = 100.0 if pct else 1.0
     txt = f"{k * s['mean']:.1f}" if pct else f"{s['mean']:.3f}"
     if s["n"] > 1:
@@ -139,12 +141,14 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown table: one row per system, mean ± half the seed range (spread = max - min)."""
     from model.eval.heldout import summary
 
-    head = ("| system | seeds | r->3D AP3D | r->3D AP15 | r->3D AP25 | r->3D med. rel. depth err | det AP3D | det AP15 "
+    head = ("| system | seeds | r->3D parsed | r->3D AP3D | r->3D AP15 | r->3D AP25 | r->3D med. rel. depth err | det AP3D | det AP15 "
             "| ground Acc@0.5 |")
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for name, results in rows.items():
         if not results:
             continue
+        for r in results:
+            r["region3d"]["parsed"] = r["region3d"]["n_parsed"] / max(1, r["region3d"]["n"])
         cells = [_fmt(summary([r[a].get(b) for r in results]), b != "median_rel_depth_error") for a, b in METRICS]
         lines.append(f"| {name} | {len(results)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
