@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         world, builds = prepare(work, scenes=400, views=2, width=320, height=240)
         config, steps, overrides = "small", a.steps or 0, []
+        eval_images, grounding = a.eval_images, a.grounding
+        report = a.report or ROOT / "bench" / "learning.md"
     for kv in a.set:
         k, _, v = kv.partition("=")
         overrides += [f"--{k}", v]
-        eval_images, grounding = a.eval_images, a.grounding
-        report = a.report or ROOT / "bench" / "learning.md"
     results = work / "results"
     prior = prior_result(world, builds, results / "prior.json", eval_images, grounding)
 
