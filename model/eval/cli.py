@@ -83,7 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     h.add_argument("--gt", required=True, metavar="OMNI3D_JSON", help="held-out ground truth (Omni3D JSON)")
     h.add_argument("--checkpoint", nargs="+", required=True, metavar="NAME=DIR", help="checkpoints to score")
-    h.add_argument("--image-root", required=True, metavar="DIR")
+    h.add_argument("--image-root", required=True, metavar="DIR", help="folder the GT file_path values are relative to")
     h.add_argument("--cot", metavar="BUILD_DIR", help="held-out grounded-CoT build (2D grounding)")
     h.add_argument("--free", action="store_true", help="unconstrained decoding (default: grammar-constrained)")
     h.add_argument("--limit-images", type=int, default=None, help="only the first N images")
