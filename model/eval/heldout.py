@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,24 +165,17 @@ class GroundingItem:
 
 
 def _records_with_images(build_dir: Path) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """(record, image bytes) of every sample of a build, in shard order (`shards.reader.iter_tar`)."""
+    from shards.reader import iter_tar
+
     tars = sorted((build_dir / "shards").glob("*.tar"))
     if not tars:
         raise FileNotFoundError(f"no shards/*.tar under {build_dir}")
     for t in tars:
-        members: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(t) as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                f = tf.extractfile(m)
-                if f is not None:
-                    members.setdefault(key, {})[ext] = f.read()
-        for key in sorted(members):
-            parts = members[key]
-            img = next((parts[e] for e in ("png", "jpg", "jpeg") if e in parts), None)
-            if "json" in parts and img is not None:
-                yield json.loads(parts["json"]), img
+        for sample in iter_tar(t):
+            img = next((sample[e] for e in ("png", "jpg", "jpeg") if e in sample), None)
+            if "json" in sample and img is not None:
+                yield sample["json"], img
 
 
 def grounding_items(build_dir: str | Path, limit: int | None = None) -> list[GroundingItem]:
