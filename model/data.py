@@ -136,6 +136,12 @@ class ExampleSpec:
         return cls(model.tokenizer, stage, c.num_image_tokens, c.image_size, c.token_ids["pad"], max_seq_len, seed,
                    mode, tuple(c.image_mean), tuple(c.image_std), tuple(tasks) if tasks else None, blind)
 
+    @classmethod
+    def for_config(cls, model: Any, cfg: Any) -> ExampleSpec:
+        """The spec a `TrainConfig` asks for (stage, sequence length, seed, image mode, tasks, blind)."""
+        return cls.for_model(model, cfg.stage, cfg.data.max_seq_len, cfg.seed, cfg.model.image_mode,
+                             tasks=cfg.data.task_list, blind=cfg.data.blind)
+
 
 @dataclass
 class Example:

@@ -454,7 +454,6 @@ def _train(cfg: TrainConfig, resume: str, d: DistInfo) -> dict[str, Any]:
     elif find_latest_checkpoint(out) is not None:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume auto to continue, or use another out")
 
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())  # 0: torch's default
     model = build_model(cfg, d.device)
     n_train = model.set_stage(cfg.stage, train_vision=cfg.model.train_vision)
     if cfg.model.gradient_checkpointing:
@@ -469,8 +468,7 @@ def _train(cfg: TrainConfig, resume: str, d: DistInfo) -> dict[str, Any]:
                             betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
 
     sources = parse_mix(cfg.data.mix, cfg.data.root)
-    spec = ExampleSpec.for_model(model, cfg.stage, cfg.data.max_seq_len, cfg.seed, cfg.model.image_mode,
-                                 tasks=cfg.data.task_list, blind=cfg.data.blind)
+    spec = ExampleSpec.for_config(model, cfg)
     loader = TrainLoader(sources, spec, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                          shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer,
                          resampled=cfg.data.resampled, samples_per_epoch=cfg.data.samples_per_epoch,

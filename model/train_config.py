@@ -114,7 +114,7 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when CUDA is available, else cpu) | cpu | cuda."""
     threads: int = 0
-    """torch.set_num_threads for the training process (0 = torch's default); DataLoader workers use 1 each."""
+    """torch.set_num_threads of the `gr3d train` process (0 = torch's default); DataLoader workers use 1 each."""
     log_samples: bool = False
     """Also write OUT/samples_rankNNNNN.jsonl: the sample keys of every step (audits, resume tests)."""
     export_final: bool = True
