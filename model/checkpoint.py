@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from model.config import CONFIG_FILE, GR3DConfig, gr3d_8b_config, tiny_config
+from model.config import CONFIG_FILE, GR3DConfig, gr3d_8b_config, small_config, tiny_config
 from model.gr3d import GR3DModel
 from model.projector import DownsampleProjector
 from model.region import RegionEncoder
@@ -38,11 +38,12 @@ _LLM_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 
 
 def build_tiny_model(seed: int = 0, image_size: int = 112, tokenizer: Any = None,
-                     attn_implementation: str = "sdpa") -> GR3DModel:
-    """The tiny preset: offline tokenizer + random weights (seeded), float32."""
+                     attn_implementation: str = "sdpa", preset: str = "tiny") -> GR3DModel:
+    """The tiny (or `small`) preset: offline tokenizer + random weights (seeded), float32."""
     tok = tokenizer or build_tiny_tokenizer()
     torch.manual_seed(seed)
-    cfg = tiny_config(len(tok), gr3d_token_ids(tok), image_size)
+    make = small_config if preset == "small" else tiny_config
+    cfg = make(len(tok), gr3d_token_ids(tok), image_size)
     return GR3DModel(cfg, tok, attn_implementation)
 
 
@@ -57,12 +58,12 @@ def build_gr3d_8b(device: str | torch.device = "meta", tokenizer: Any = None,
 
 
 def build_model(preset: str, **kwargs: Any) -> GR3DModel:
-    """`tiny` or `gr3d-8b` by name."""
-    if preset == "tiny":
-        return build_tiny_model(**kwargs)
+    """`tiny`, `small` or `gr3d-8b` by name."""
+    if preset in ("tiny", "small"):
+        return build_tiny_model(preset=preset, **kwargs)
     if preset == "gr3d-8b":
         return build_gr3d_8b(**kwargs)
-    raise ValueError(f"unknown preset {preset!r} (tiny | gr3d-8b)")
+    raise ValueError(f"unknown preset {preset!r} (tiny | small | gr3d-8b)")
 
 
 # ---------------------------------------------------------------------------------------------- save

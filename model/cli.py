@@ -62,6 +62,11 @@ def run_train(args: argparse.Namespace, overrides: list[str] | None = None) -> i
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after the tokenizer ran
     from model.train import train
+
+    if cfg.threads > 0:  # a process setting: the command applies it (tests call train() in their own process)
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     from shards.interrupt import stop_on_signals
 
     try:

@@ -134,6 +134,28 @@ def tiny_config(vocab_size: int, token_ids: dict[str, int] | None = None, image_
     )
 
 
+def small_config(vocab_size: int, token_ids: dict[str, int] | None = None, image_size: int = 168) -> GR3DConfig:
+    """CPU-trainable: learns the sample world on 2 cores in minutes (bench/learning.md says why these sizes).
+
+    168 px / patch 14 = a 12x12 feature map (16 visual tokens after the 3x3 fold); SigLIP 96-d x 3 layers,
+    Qwen2 192-d x 4 layers (6 heads of 32, 2 KV heads), the tiny offline tokenizer. About 2.4M parameters.
+    """
+    return GR3DConfig(
+        preset="small",
+        vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                    image_size=image_size, patch_size=14, vision_use_head=False, layer_norm_eps=1e-6,
+                    hidden_act="gelu_pytorch_tanh"),
+        llm=dict(vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-6,
+                 tie_word_embeddings=False, bos_token_id=None,
+                 eos_token_id=(token_ids or {}).get("eos"), pad_token_id=(token_ids or {}).get("pad")),
+        pe_num_freqs=8,
+        pe_max_log2_freq=4.0,
+        token_ids=dict(token_ids or {}),
+    )
+
+
 def gr3d_8b_config(vocab_size: int = 152064, token_ids: dict[str, int] | None = None) -> GR3DConfig:
     """NVILA-Lite-8B shapes: SigLIP so400m-patch14-448 (1152-d, 27 layers, no head) + Qwen2-7B.
 
@@ -156,11 +178,11 @@ def gr3d_8b_config(vocab_size: int = 152064, token_ids: dict[str, int] | None = 
     )
 
 
-PRESETS = {"tiny": tiny_config, "gr3d-8b": gr3d_8b_config}
+PRESETS = {"tiny": tiny_config, "small": small_config, "gr3d-8b": gr3d_8b_config}
 
 
 def preset_config(name: str, **kwargs: Any) -> GR3DConfig:
-    """The config of a named preset (`tiny` needs `vocab_size`)."""
+    """The config of a named preset (`tiny` and `small` need `vocab_size`)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name](**kwargs)

@@ -124,13 +124,23 @@ class ExampleSpec:
     mode: str = "letterbox"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    tasks: tuple[str, ...] | None = None
+    """Tasks to train on instead of the stage's (`STAGE_TASKS`)."""
+    blind: bool = False
+    """Every image becomes the mean colour and depth is dropped (the blind baseline)."""
 
     @classmethod
     def for_model(cls, model: Any, stage: int, max_seq_len: int = 2048, seed: int = 0,
-                  mode: str = "letterbox") -> ExampleSpec:
+                  mode: str = "letterbox", tasks: Sequence[str] | None = None, blind: bool = False) -> ExampleSpec:
         c = model.config
         return cls(model.tokenizer, stage, c.num_image_tokens, c.image_size, c.token_ids["pad"], max_seq_len, seed,
-                   mode, tuple(c.image_mean), tuple(c.image_std))
+                   mode, tuple(c.image_mean), tuple(c.image_std), tuple(tasks) if tasks else None, blind)
+
+    @classmethod
+    def for_config(cls, model: Any, cfg: Any) -> ExampleSpec:
+        """The spec a `TrainConfig` asks for (stage, sequence length, seed, image mode, tasks, blind)."""
+        return cls.for_model(model, cfg.stage, cfg.data.max_seq_len, cfg.seed, cfg.model.image_mode,
+                             tasks=cfg.data.task_list, blind=cfg.data.blind)
 
 
 @dataclass
@@ -147,9 +157,10 @@ class Example:
     """(1, S, S) depth canvas or None."""
 
 
-def pick_conversation(record: Mapping[str, Any], stage: int, seed: int, epoch: int) -> dict[str, Any] | None:
-    """One conversation of a task the stage trains, chosen by (seed, epoch, key); None if there is none."""
-    tasks = STAGE_TASKS[stage]
+def pick_conversation(record: Mapping[str, Any], stage: int, seed: int, epoch: int,
+                      tasks: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """One conversation of a task the stage trains (or of `tasks`), chosen by (seed, epoch, key); None if none."""
+    tasks = tuple(tasks) if tasks else STAGE_TASKS[stage]
     eligible = [c for c in record.get("conversations", []) if c.get("task") in tasks]
     if not eligible:
         return None
@@ -195,7 +206,7 @@ def build_example(sample: Mapping[str, Any], spec: ExampleSpec, epoch: int) -> t
     from model.vision import letterbox_window, preprocess_depth, preprocess_image
 
     rec = sample["json"]
-    conv = pick_conversation(rec, spec.stage, spec.seed, epoch)
+    conv = pick_conversation(rec, spec.stage, spec.seed, epoch, spec.tasks)
     if conv is None:
         return None, "no_stage_task"
     enc = fit_conversation(spec.tokenizer, conv["turns"], spec.num_image_tokens, spec.max_seq_len)
@@ -209,6 +220,8 @@ def build_example(sample: Mapping[str, Any], spec: ExampleSpec, epoch: int) -> t
     window = letterbox_window(w, h, spec.image_size, scale, spec.mode)
     depth = sample.get("depth.npy")
     dcan = preprocess_depth(depth, scale, spec.image_size, spec.mode) if depth is not None else None
+    if spec.blind:  # normalized zero = the mean colour everywhere; no depth either (it would show the scene)
+        pix, dcan = torch.zeros_like(pix), None
     return Example(rec["key"], rec["corpus"], conv["task"], enc, pix, window, dcan), None
 
 

@@ -113,12 +113,14 @@ def generate(model: GR3DModel, images: Any, prompts: Sequence[str], max_new_toke
              scales: Sequence[float] | None = None, depth: Any = None, image_windows: torch.Tensor | None = None,
              system: str | None = DEFAULT_SYSTEM, generator: torch.Generator | None = None,
              logits_processor: LogitsProcessor | None = None, output_logits: bool = False,
-             tokenizer: Any = None) -> list[GenerationResult]:
+             tokenizer: Any = None, prefixes: Sequence[str] | None = None) -> list[GenerationResult]:
     """Generate answers for a batch of (image, prompt) pairs with streaming region insertion.
 
     images: PIL images (preprocessed with `scales`, default 1) or a tensor (B, 3, S, S) already
     preprocessed (then `image_windows` may give the content rectangles). Prompts are user texts; a
-    `<bbox>..</bbox><region>` in a prompt is a region prompt.
+    `<bbox>..</bbox><region>` in a prompt is a region prompt. `prefixes` (one per prompt) start the
+    assistant's answer (teacher forcing, e.g. the reasoning up to a mention to ground); their grounded
+    boxes get region embeddings like the prompt's, and the result text excludes them.
     """
     from transformers import DynamicCache
 
@@ -140,6 +142,14 @@ def generate(model: GR3DModel, images: Any, prompts: Sequence[str], max_new_toke
 
     # ---- prefill (left padded)
     enc = [encode_prompt(tok, p, model.config.num_image_tokens, system=system) for p in prompts]
+    if prefixes is not None:
+        if len(prefixes) != len(prompts):
+            raise ValueError(f"{len(prefixes)} prefixes for {len(prompts)} prompts")
+        for e, pre in zip(enc, prefixes):
+            if pre:
+                grammar.check_regions(pre)
+                e.input_ids = e.input_ids + list(tok.encode(pre, add_special_tokens=False))
+                e.region_boxes = e.region_boxes + [g.box for g in grammar.find_grounded(pre) if g.has_region]
     bsz, length = len(enc), max(len(e.input_ids) for e in enc)
     ids = torch.full((bsz, length), tid["pad"], dtype=torch.long)
     mask = torch.zeros((bsz, length), dtype=torch.long)

@@ -215,16 +215,17 @@ class GR3DModel(nn.Module):
         return GR3DOutput(loss, logits, n)
 
     # ------------------------------------------------------------------ training helpers
-    def set_stage(self, stage: int) -> int:
+    def set_stage(self, stage: int, train_vision: bool = False) -> int:
         """Trainable parameters per GR3D stage; returns how many parameters train.
 
-        Stage 1 (spatial pretraining): all but the SigLIP encoder. Stage 2 (detection CoT): the LLM only.
+        Stage 1 (spatial pretraining): all but the SigLIP encoder (with `train_vision`, everything: a
+        random-weight encoder has to learn). Stage 2 (detection CoT): the LLM only.
         """
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         for name, p in self.named_parameters():
             if stage == 1:
-                p.requires_grad_(not name.startswith("vision."))
+                p.requires_grad_(train_vision or not name.startswith("vision."))
             else:
                 p.requires_grad_(name.startswith("llm."))
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -168,9 +168,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     if cfg.model.init:
         model = load_pretrained(cfg.model.init, dtype=dtype, seed=cfg.seed,
                                 attn_implementation=cfg.model.attn_implementation)
-    elif cfg.model.preset == "tiny":
+    elif cfg.model.preset in ("tiny", "small"):
         model = build_tiny_model(seed=cfg.seed, image_size=cfg.model.image_size,
-                                 attn_implementation=cfg.model.attn_implementation)
+                                 attn_implementation=cfg.model.attn_implementation, preset=cfg.model.preset)
     else:  # random gr3d-8b (benchmarks): grammar tokens from the tiny tokenizer fit in Qwen2's vocabulary
         model = build_gr3d_8b(device=device, tokenizer=build_tiny_tokenizer(), dtype=dtype)
         model.llm.config._attn_implementation = cfg.model.attn_implementation
@@ -329,7 +329,7 @@ def export_final(out_dir: Path, wrapped: nn.Module, cfg: TrainConfig, d: DistInf
             _barrier(d)
             return None
         cpu_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=None))
-        fresh = build_model(cpu_cfg, torch.device("meta") if cfg.model.preset != "tiny" else torch.device("cpu"))
+        fresh = build_model(cpu_cfg, torch.device("meta") if cfg.model.preset not in ("tiny", "small") else torch.device("cpu"))
         fresh.load_state_dict({k.removeprefix("model."): v for k, v in sd.items()}, assign=True)
         fresh.tokenizer = step.model.tokenizer
         path = save_pretrained(fresh, out_dir)
@@ -455,7 +455,7 @@ def _train(cfg: TrainConfig, resume: str, d: DistInfo) -> dict[str, Any]:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume auto to continue, or use another out")
 
     model = build_model(cfg, d.device)
-    n_train = model.set_stage(cfg.stage)
+    n_train = model.set_stage(cfg.stage, train_vision=cfg.model.train_vision)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     step_mod = TrainStep(model, cfg.stage)
@@ -468,7 +468,7 @@ def _train(cfg: TrainConfig, resume: str, d: DistInfo) -> dict[str, Any]:
                             betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
 
     sources = parse_mix(cfg.data.mix, cfg.data.root)
-    spec = ExampleSpec.for_model(model, cfg.stage, cfg.data.max_seq_len, cfg.seed, cfg.model.image_mode)
+    spec = ExampleSpec.for_config(model, cfg)
     loader = TrainLoader(sources, spec, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                          shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer,
                          resampled=cfg.data.resampled, samples_per_epoch=cfg.data.samples_per_epoch,

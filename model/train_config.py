@@ -44,6 +44,8 @@ class ModelArgs:
     """Recompute activations of the trainable transformer blocks in backward (memory for compute)."""
     attn_implementation: str = "sdpa"
     image_mode: str = "letterbox"
+    train_vision: bool = False
+    """Also train the vision encoder in stage 1 (for a random-weight preset; a pretrained SigLIP stays frozen)."""
     """Fit of the s-scaled image into the encoder square: letterbox | stretch (model.vision)."""
 
 
@@ -65,6 +67,14 @@ class DataArgs:
     max_seq_len: int = 2048
     """Longer conversations lose their last rounds; a sample whose first round is too long is skipped."""
     prefetch_factor: int = 2
+    tasks: str = ""
+    """Comma-separated conversation tasks to train on; empty = the stage's (`model.data.STAGE_TASKS`)."""
+    blind: bool = False
+    """Replace every image (and depth) by a constant: the blind baseline of bench/learning.py."""
+
+    @property
+    def task_list(self) -> tuple[str, ...] | None:
+        return tuple(t.strip() for t in self.tasks.split(",") if t.strip()) or None
 
 
 @dataclass
@@ -103,6 +113,8 @@ class TrainConfig:
     """auto (DDP when launched by torchrun with world size > 1) | none | ddp | fsdp."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when CUDA is available, else cpu) | cpu | cuda."""
+    threads: int = 0
+    """torch.set_num_threads of the `gr3d train` process (0 = torch's default); DataLoader workers use 1 each."""
     log_samples: bool = False
     """Also write OUT/samples_rankNNNNN.jsonl: the sample keys of every step (audits, resume tests)."""
     export_final: bool = True
@@ -119,7 +131,7 @@ class TrainConfig:
         """Cross-field rules the types cannot express."""
         checks = [
             (self.stage in (1, 2), "stage must be 1 or 2"),
-            (self.model.preset in ("tiny", "gr3d-8b"), "model.preset must be tiny or gr3d-8b"),
+            (self.model.preset in ("tiny", "small", "gr3d-8b"), "model.preset must be tiny, small or gr3d-8b"),
             (self.model.dtype in ("float32", "bfloat16"), "model.dtype must be float32 or bfloat16"),
             (self.model.image_mode in ("letterbox", "stretch"), "model.image_mode must be letterbox or stretch"),
             (self.distributed in ("auto", "none", "ddp", "fsdp"), "distributed must be auto|none|ddp|fsdp"),
@@ -131,6 +143,7 @@ class TrainConfig:
             (0.0 <= self.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio in [0, 1]"),
             (self.optim.grad_clip >= 0, "optim.grad_clip >= 0"),
             (self.checkpoint_every >= 0 and self.log_every >= 1, "checkpoint_every >= 0, log_every >= 1"),
+            (self.threads >= 0, "threads >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

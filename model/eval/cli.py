@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "run_det3d", "run_ground2d", "format_det3d_table", "references_from_records"]
+__all__ = ["add_parser", "run_det3d", "run_heldout", "run_ground2d", "format_det3d_table", "references_from_records"]
 
 _METRICS = ("AP3D", "AP15", "AP25", "AP50", "APn", "APm", "APf", "AR100")
 
@@ -68,7 +68,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype")
     gen.add_argument("--limit-images", type=int, default=None, help="only the first N images (smoke runs)")
+    gen.add_argument("--constrained", action="store_true",
+                     help="grammar-constrained decoding (model.constrained): every answer parses")
+    gen.add_argument("--max-objects", type=int, default=8, help="with --constrained: objects per answer at most")
+    d.add_argument("--visualize", type=int, default=0, metavar="N",
+                   help="draw predicted (red) and ground-truth (green) 3D boxes on the first N images: OUT/vis/*.png")
     d.set_defaults(func=run_det3d)
+
+    h = sub.add_parser(
+        "heldout",
+        help="region->3D, detect_3d and 2D grounding of checkpoints side by side (model.eval.heldout)",
+        description="Score checkpoints on held-out images: region->3D (GT 2D box as the region prompt; AP3D/AP15/"
+        "AP25, median relative depth error), detect_3d (Omni3D AP) and 2D grounding Acc@0.5 on a held-out cot build.",
+    )
+    h.add_argument("--gt", required=True, metavar="OMNI3D_JSON", help="held-out ground truth (Omni3D JSON)")
+    h.add_argument("--checkpoint", nargs="+", required=True, metavar="NAME=DIR", help="checkpoints to score")
+    h.add_argument("--image-root", required=True, metavar="DIR", help="folder the GT file_path values are relative to")
+    h.add_argument("--cot", metavar="BUILD_DIR", help="held-out grounded-CoT build (2D grounding)")
+    h.add_argument("--free", action="store_true", help="unconstrained decoding (default: grammar-constrained)")
+    h.add_argument("--limit-images", type=int, default=None, help="only the first N images")
+    h.add_argument("--limit-mentions", type=int, default=100, help="grounded mentions scored (default 100)")
+    h.add_argument("--out", metavar="DIR", help="also write heldout_eval.json there")
+    h.set_defaults(func=run_heldout)
 
     g = sub.add_parser(
         "ground2d",
@@ -150,6 +171,13 @@ def _generate_predictions(args: argparse.Namespace, gt: Any, out: Path) -> list[
     def progress(done: int, total: int) -> None:
         print(f"\rgenerating: {done}/{total} prompts", end="", file=sys.stderr, flush=True)
 
+    factory = None
+    if args.constrained:
+        from model.constrained import GrammarConstraint
+
+        def factory() -> Any:
+            return GrammarConstraint(model.tokenizer, "detect", max_items=args.max_objects)
+
     preds = predict_omni3d(
         model,
         jobs,
@@ -158,6 +186,7 @@ def _generate_predictions(args: argparse.Namespace, gt: Any, out: Path) -> list[
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         progress=progress,
+        logits_processor_factory=factory,
     )
     print(file=sys.stderr)
     (out / "predictions.json").write_text(json.dumps(preds) + "\n")
@@ -195,7 +224,45 @@ def run_det3d(args: argparse.Namespace) -> int:
             f"{c['dropped_out_of_vocabulary']} outside their dataset's categories",
             file=sys.stderr,
         )
+    if args.visualize:
+        from model.eval.visualize import draw_detections
+
+        if not args.image_root:
+            raise SystemExit("gr3d eval det3d --visualize needs --image-root")
+        for path in draw_detections(gt, dets, args.image_root, out / "vis", args.visualize):
+            print(f"wrote {path}")
     print(f"wrote {out / 'det3d_eval.json'}")
+    return 0
+
+
+def run_heldout(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_pretrained
+    from model.eval.heldout import eval_detect3d, eval_grounding, eval_region3d, grounding_items
+    from model.eval.io import load_omni3d_gt
+
+    gt = load_omni3d_gt([args.gt])
+    if args.limit_images is not None:
+        gt = gt.subset(sorted(gt.image_dataset)[: args.limit_images])
+    items = grounding_items(args.cot, args.limit_mentions) if args.cot else []
+    c = not args.free
+    results: dict[str, Any] = {}
+    print(f"{'model':10s} {'r3d AP3D':>8s} {'r3d AP15':>8s} {'depth err':>9s} {'det AP3D':>8s} {'det AP15':>8s} "
+          f"{'Acc@0.5':>8s}")
+    for spec in args.checkpoint:
+        name, _, path = spec.rpartition("=")
+        model = load_pretrained(path)
+        r = {"region3d": eval_region3d(model, gt, args.image_root, constrained=c),
+             "detect3d": eval_detect3d(model, gt, args.image_root, constrained=c)[0],
+             "grounding": eval_grounding(model, items, constrained=c) if items else None}
+        results[name or path] = r
+        acc = _pct(r["grounding"]["acc50"]) if r["grounding"] else "-"
+        print(f"{name or path:10s} {_pct(r['region3d']['AP3D']):>8s} {_pct(r['region3d']['AP15']):>8s} "
+              f"{r['region3d']['median_rel_depth_error']:9.2f} {_pct(r['detect3d']['AP3D']):>8s} "
+              f"{_pct(r['detect3d']['AP15']):>8s} {acc:>8s}", flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "heldout_eval.json").write_text(json.dumps(_json_safe(results), indent=1, sort_keys=True) + "\n")
     return 0
 
 

@@ -169,11 +169,14 @@ def predict_omni3d(
     max_new_tokens: int = 512,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    logits_processor_factory: Callable[[], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run GR3D target-aware on images and return Omni3D per-image predictions.
 
     `gt_images`: {"id", "file_path", "width", "height", "K", "categories": [(category_id, name), ...]},
     the categories present in that image's ground truth. The image is shown at scale 1000 / fx.
+    `logits_processor_factory` makes one logits processor per generate call (grammar-constrained decoding:
+    `model.constrained.GrammarConstraint`).
     """
     from PIL import Image
 
@@ -205,7 +208,8 @@ def predict_omni3d(
                 images.append(f.convert("RGB"))
         scales = [normalization_scale(im["K"]) for im, _, _ in batch]
         results = generate(
-            model, images, [p for _, _, p in batch], max_new_tokens=max_new_tokens, scales=scales
+            model, images, [p for _, _, p in batch], max_new_tokens=max_new_tokens, scales=scales,
+            logits_processor=logits_processor_factory() if logits_processor_factory is not None else None,
         )
         for (im, cid, _), res in zip(batch, results):
             objs = parse_answer(res.text, _pieces(res, tok, region_id), fallback_score=res.mean_logprob)
