@@ -25,7 +25,7 @@ import os
 import pickle
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +91,10 @@ class Chunk:
     index: int
     items: tuple[bytes, ...]
     item_keys: tuple[str, ...] = ()
-    digest: str = ""
+    digest: str = field(default="", compare=False)  # a function of the items: equal items, equal digest
+    lazy: InitVar[bool] = False  # leave `digest` empty until `ensure_digest()` (the plan's streamed record)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, lazy: bool = False) -> None:
         items = tuple(self.items)
         dicts: list[Item] | None = None
         if not all(isinstance(b, bytes) for b in items):
@@ -106,8 +107,16 @@ class Chunk:
         object.__setattr__(self, "item_keys", tuple(self.item_keys))
         if len(self.item_keys) != len(items):
             raise ValueError(f"chunk {self.index}: {len(self.item_keys)} keys for {len(items)} items")
+        if dicts is not None and not self.digest:
+            object.__setattr__(self, "digest", digest(dicts))
+        elif not lazy:
+            self.ensure_digest()
+
+    def ensure_digest(self) -> str:
+        """The chunk's digest, computed (decoding the items) the first time it is asked for."""
         if not self.digest:
-            object.__setattr__(self, "digest", digest(dicts if dicts is not None else self.decode()))
+            object.__setattr__(self, "digest", digest(self.decode()))
+        return self.digest
 
     @property
     def keys(self) -> list[str]:
@@ -127,6 +136,50 @@ class BuildPlan:
     done: list[int] = field(default_factory=list)
     todo: list[int] = field(default_factory=list)
     stale: list[int] = field(default_factory=list)  # done once, but their inputs changed: redone
+    # Set by `prepare_build_dir`: (builder name, config) to rewrite plan.json as digests become known.
+    _record_for: tuple[str, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    _released: int = field(default=0, repr=False, compare=False)
+    _todo_pos: dict[int, int] | None = field(default=None, repr=False, compare=False)
+
+    def release(self, i: int) -> Chunk:
+        """Chunk `i`, to be run now: its digest is computed and recorded in plan.json first.
+
+        The streamed plan (bench/executors.md): `make_plan` digests only the chunks already done on disk
+        (the resume decision needs those), so the first chunk can start while the driver still has the
+        others' digests to compute. A chunk's digest must be in plan.json before its shard can exist, or
+        a crashed run's finished shard could not be matched to its inputs on resume (it would be redone,
+        or worse, pass for another listing's): so an executor asks for each chunk here, just before
+        handing it to a worker. Digests are computed and written in batches of the next to-do chunks
+        (growing from one chunk to ~`RECORD_BATCH_INPUTS` inputs), so plan.json is rewritten O(n / batch)
+        times and the driver never stalls the workers for long.
+        """
+        c = self.chunks[i]
+        if c.digest:
+            return c
+        if self._todo_pos is None:
+            self._todo_pos = {j: k for k, j in enumerate(self.todo)}
+        pos = self._todo_pos.get(i)
+        nxt = [i] if pos is None else self.todo[pos:]
+        cap = max(1, min(self._released, RECORD_BATCH_INPUTS // max(1, self.chunk_size)))
+        batch = [j for j in nxt if not self.chunks[j].digest][:cap]
+        for j in batch:
+            self.chunks[j].ensure_digest()
+        self._released += len(batch)
+        self._write_record()
+        return c
+
+    def release_all(self) -> None:
+        """Every chunk's digest computed and recorded (executors that hand all chunks over at once)."""
+        missing = [c for c in self.chunks if not c.digest]
+        for c in missing:
+            c.ensure_digest()
+        if missing:
+            self._write_record()
+
+    def _write_record(self) -> None:
+        if self._record_for is not None:
+            write_plan_file(self.build_dir, plan_record(*self._record_for, self.chunk_size, self.chunks,
+                                                        complete=False))
 
     @property
     def todo_inputs(self) -> int:
@@ -228,14 +281,15 @@ def make_chunks(inputs: Sequence[Item], chunk_size: int) -> list[Chunk]:
     return [Chunk(i, tuple(inputs[s:s + chunk_size])) for i, s in enumerate(range(0, len(inputs), chunk_size))]
 
 
-def _encoded_chunks(pairs: Sequence[tuple[str, bytes]], chunk_size: int) -> list[Chunk]:
-    """`make_chunks` over encoded pairs: each chunk's digest decodes only that chunk, one at a time."""
+def _encoded_chunks(pairs: Sequence[tuple[str, bytes]], chunk_size: int, *, lazy: bool = False) -> list[Chunk]:
+    """`make_chunks` over encoded pairs: each chunk's digest decodes only that chunk, one at a time
+    (`lazy`: not now, when `Chunk.ensure_digest` is first called)."""
     if chunk_size < 1:
         raise PlanError(f"chunk size must be >= 1, got {chunk_size}")
     out = []
     for i, s in enumerate(range(0, len(pairs), chunk_size)):
         part = pairs[s:s + chunk_size]
-        out.append(Chunk(i, tuple(b for _, b in part), tuple(k for k, _ in part)))
+        out.append(Chunk(i, tuple(b for _, b in part), tuple(k for k, _ in part), lazy=lazy))
     return out
 
 
@@ -256,14 +310,28 @@ def recorded_chunk_size(build_dir: str | Path) -> int | None:
     return cs if isinstance(cs, int) and cs > 0 else None
 
 
-def plan_record(builder_name: str, config: dict[str, Any], chunk_size: int, chunks: list[Chunk]) -> dict[str, Any]:
+# Inputs digested per plan.json rewrite once a run is under way (`BuildPlan.release`).
+RECORD_BATCH_INPUTS = 1024
+
+
+def plan_record(builder_name: str, config: dict[str, Any], chunk_size: int, chunks: list[Chunk], *,
+                complete: bool = True) -> dict[str, Any]:
+    """What plan.json holds. `complete=False` leaves the digests not computed yet as "" (a run under way:
+    "" never matches a digest, so a shard found done under it is redone, never trusted)."""
     return {
         "builder": builder_name,
         "config_digest": digest(config),
         "chunk_size": chunk_size,
         "n_chunks": len(chunks),
-        "chunk_digests": [c.digest for c in chunks],
+        "chunk_digests": [c.ensure_digest() if complete else c.digest for c in chunks],
     }
+
+
+def write_plan_file(build_dir: Path, record: dict[str, Any]) -> None:
+    """plan.json, replaced atomically (a reader sees the old record or the new one, never a torn one)."""
+    tmp = build_dir / (PLAN_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, build_dir / PLAN_FILE)
 
 
 def make_plan(builder_name: str, config: dict[str, Any], inputs: Iterable[Item] | EncodedInputs,
@@ -283,9 +351,9 @@ def make_plan(builder_name: str, config: dict[str, Any], inputs: Iterable[Item] 
     pairs = encode_inputs(inputs).pairs
     if limit is not None:
         pairs = pairs[:limit]
-    chunks = _encoded_chunks(pairs, chunk_size)
+    chunks = _encoded_chunks(pairs, chunk_size, lazy=True)
     plan = BuildPlan(build_dir, chunk_size, len(pairs), chunks)
-    new = plan_record(builder_name, config, chunk_size, chunks)
+    new = plan_record(builder_name, config, chunk_size, chunks, complete=False)
     if ignore_existing:
         plan.todo = [c.index for c in chunks]
         return plan
@@ -298,8 +366,8 @@ def make_plan(builder_name: str, config: dict[str, Any], inputs: Iterable[Item] 
                     f"({old.get(what)!r} vs {new[what]!r}); use --overwrite to replace it or choose another --out")
     old_digests = (old or {}).get("chunk_digests", [])
     for c in chunks:
-        if is_done(build_dir, c.index):
-            if c.index < len(old_digests) and old_digests[c.index] == new["chunk_digests"][c.index]:
+        if is_done(build_dir, c.index):  # only these need their digest before the run
+            if c.index < len(old_digests) and old_digests[c.index] == c.ensure_digest():
                 plan.done.append(c.index)
                 continue
             plan.stale.append(c.index)
@@ -332,10 +400,10 @@ def prepare_build_dir(plan: BuildPlan, builder_name: str, config: dict[str, Any]
                 head = p.name.split(".", 1)[0]
                 if head.isdigit() and (int(head) >= n or int(head) in plan.stale):
                     p.unlink()
-    tmp = d / (PLAN_FILE + ".tmp")
-    tmp.write_text(json.dumps(plan_record(builder_name, config, plan.chunk_size, plan.chunks), indent=1,
-                              sort_keys=True) + "\n")
-    os.replace(tmp, d / PLAN_FILE)
+    # The digests known so far (the done chunks'); the executors add the others as they release chunks
+    # (`BuildPlan.release`), and the run ends with the complete record, byte for byte what it always was.
+    plan._record_for = (builder_name, config)
+    plan._write_record()
 
 
 def remove_build_outputs(build_dir: str | Path) -> None:

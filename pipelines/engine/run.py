@@ -218,6 +218,7 @@ def _run_build(builder: Builder, out_dir: str | Path, executor: str, *, workers:
     missing = [c.index for c in plan.chunks if not is_done(build_dir, c.index)]
     if missing:
         raise BuildError(f"{len(missing)} chunk(s) not written after the run: {missing[:20]}")
+    plan.release_all()  # plan.json complete (a no-op when the executor released every chunk)
     result.seconds = time.perf_counter() - t0
     result.manifest = _finalize(builder, result, workers, ray_address, beam_options)
     return result

@@ -111,6 +111,7 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
     build_dir = str(plan.build_dir)
     token = progress_token if in_process else None
 
+    plan.release_all()  # Create takes every chunk at once: record every digest in plan.json first
     p = beam.Pipeline(runner=FnApiRunner(), options=opts) if local else beam.Pipeline(options=opts)
     pcoll = p | "chunks" >> beam.Create([(i, pickle.dumps(plan.chunks[i], protocol=5)) for i in todo])
     segs = segments(stages)

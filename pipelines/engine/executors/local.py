@@ -27,7 +27,7 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
     done: list[int] = []
     try:
         for i in plan.todo:
-            run_chunk(local, plan.chunks[i], plan.build_dir, report)
+            run_chunk(local, plan.release(i), plan.build_dir, report)
             done.append(i)
             if progress is not None:
                 progress.shard_done()

@@ -199,7 +199,7 @@ def _run_tasks(stages: Sequence[Stage], plan: BuildPlan, todo: list[int], cpus: 
         while True:
             for i in queue:
                 pending.append(task.remote(token, stages_ref, build_dir,
-                                           pickle.dumps(plan.chunks[i], protocol=5), pactor))
+                                           pickle.dumps(plan.release(i), protocol=5), pactor))
                 if len(pending) >= window:
                     break
             if not pending:
@@ -339,6 +339,7 @@ def _run_dataset(rplan: list[dict[str, Any]], plan: BuildPlan, todo: list[int], 
     ctx.print_on_execution_start = False
     # One row and one block per chunk: each chunk is an independent unit of scheduling. A row carries
     # the plan's Chunk (encoded items); the first worker decodes it (`load_state`).
+    plan.release_all()  # every chunk is handed to Ray Data at once: record every digest first
     ds = ray.data.from_items(
         [{"index": i, "state": pickle.dumps(plan.chunks[i], protocol=5), "done": ""} for i in todo],
         override_num_blocks=len(todo))
