@@ -11,6 +11,7 @@ end of a build is byte for byte what it always was, and a crash at any point sti
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,9 @@ def test_release_records_the_digest_before_handing_the_chunk_out(tmp_path: Path)
 
 
 @pytest.mark.parametrize("executor", ["local", "ray"])
-def test_final_plan_json_is_the_eager_plans_bytes(tmp_path: Path, executor: str) -> None:
+def test_final_plan_json_is_the_eager_plans_bytes(tmp_path: Path, executor: str, request: Any) -> None:
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
     b = toy_builder(N, with_model=False)
     run_build(b, tmp_path / "b", executor, chunk_size=CS, workers=2, show_progress=False)
     assert (tmp_path / "b" / PLAN_FILE).read_bytes() == _old_plan_bytes(b, CS)
@@ -135,3 +138,58 @@ def test_a_done_shard_without_a_recorded_digest_is_redone(tmp_path: Path) -> Non
     res = run_build(b, out, "local", chunk_size=CS, show_progress=False)
     assert res.plan.stale == [5] and res.processed == [5]
     assert compared_files(out) == before and (out / PLAN_FILE).read_bytes() == full
+
+
+def _slow_listing(seconds: float, fail: bool = False) -> Any:
+    """toy_inputs, yielded over `seconds` (a listing long enough for Ray to start meanwhile)."""
+    marks: dict[str, float] = {}
+
+    def listing(config: dict[str, Any]) -> Any:
+        items = toy_inputs(config)
+        for k, it in enumerate(items):
+            time.sleep(seconds / len(items))
+            yield it
+            if fail and k == len(items) // 2:
+                raise ValueError("listing broke halfway")
+        marks["listed"] = time.monotonic()
+
+    return listing, marks
+
+
+def test_ray_starts_and_warms_its_workers_while_the_driver_lists(tmp_path: Path, ray_session: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.engine.executors import ray_executor
+
+    calls: list[float] = []
+    real = ray_executor.prestart
+
+    def spy(address: Any, stages: Any) -> None:
+        calls.append(time.monotonic())
+        real(address, stages)
+
+    monkeypatch.setattr(ray_executor, "prestart", spy)
+    good = toy_builder(N, with_model=False)
+    listing, marks = _slow_listing(1.5)
+    slow = Builder(good.name, good.config, listing, list(good.stages))
+    run_build(slow, tmp_path / "ray", "ray", chunk_size=CS, show_progress=False)
+    assert len(calls) == 1 and calls[0] < marks["listed"]  # Ray was being set up before the listing ended
+    assert ray_executor._PRESTARTED == {}  # the executor took the warm workers over
+    run_build(good, tmp_path / "local", "local", chunk_size=CS, show_progress=False)
+    assert compared_files(tmp_path / "ray") == compared_files(tmp_path / "local")
+    assert (tmp_path / "ray" / PLAN_FILE).read_bytes() == (tmp_path / "local" / PLAN_FILE).read_bytes()
+
+
+def test_a_listing_error_during_the_ray_prestart_is_raised_and_releases_ray(tmp_path: Path, ray_session: Any,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.engine.executors import ray_executor
+
+    released: list[bool] = []
+    real = ray_executor.shutdown_prestarted
+    monkeypatch.setattr(ray_executor, "shutdown_prestarted", lambda: (released.append(True), real())[1])
+    good = toy_builder(N, with_model=False)
+    listing, _ = _slow_listing(2.0, fail=True)
+    with pytest.raises(ValueError, match="listing broke halfway"):
+        run_build(Builder(good.name, good.config, listing, list(good.stages)), tmp_path / "b", "ray",
+                  chunk_size=CS, show_progress=False)
+    assert released == [True] and ray_executor._PRESTARTED == {}
+    assert not (tmp_path / "b").exists()  # nothing written: the plan never existed

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,6 +31,7 @@ from pipelines.engine import progress as progress_mod
 from pipelines.engine.plan import (
     Builder,
     BuildPlan,
+    EncodedInputs,
     encode_inputs,
     make_plan,
     prepare_build_dir,
@@ -44,6 +47,8 @@ from shards.layout import clean_partial, is_done, remove_intermediate_temps, sta
 
 EXECUTORS = ("ray", "beam", "local")
 DEFAULT_CHUNK_SIZE = 1000
+# Ray is started during the listing (`_list_inputs`) only when the listing takes longer than this.
+PRESTART_AFTER_S = 0.5
 
 
 class BuildError(RuntimeError):
@@ -175,8 +180,58 @@ def _run_build(builder: Builder, out_dir: str | Path, executor: str, *, workers:
         raise BuildError(f"--workers must be >= 1, got {workers}")
     build_dir = Path(out_dir).resolve()
     t0 = time.perf_counter()
-    # Consumed item by item into sorted (key, blob) pairs: the driver never holds every input as a dict.
-    inputs = encode_inputs(builder.list_inputs(builder.config))
+    prestarted = executor == "ray" and not dry_run
+    try:
+        inputs = _list_inputs(builder, ray_address if prestarted else None, prestarted)
+        return _plan_and_run(builder, build_dir, executor, inputs, t0, workers=workers, chunk_size=chunk_size,
+                             limit=limit, overwrite=overwrite, dry_run=dry_run, ray_address=ray_address,
+                             num_gpus=num_gpus, beam_options=beam_options, show_progress=show_progress,
+                             progress_interval=progress_interval)
+    finally:
+        # A Ray started for this build that no executor took over (the build stopped early). Imported
+        # only if the run imported it: a build that failed before Ray was touched does not pay for it.
+        ray_ex = sys.modules.get("pipelines.engine.executors.ray_executor") if prestarted else None
+        if ray_ex is not None:
+            ray_ex.shutdown_prestarted()
+
+
+def _list_inputs(builder: Builder, ray_address: str | None, prestart_ray: bool) -> EncodedInputs:
+    """The listing, consumed item by item into sorted (key, blob) pairs (never every input as a dict).
+
+    With `prestart_ray`, the listing runs in a thread while this one starts Ray and warms its workers
+    (`ray_executor.prestart`): Ray's processes start and import in parallel with the driver's serial
+    listing instead of after it (bench/executors.md, "Streamed plan").
+    """
+    if not prestart_ray:
+        return encode_inputs(builder.list_inputs(builder.config))
+    from pipelines.engine.executors.ray_executor import prestart
+
+    box: dict[str, Any] = {}
+
+    def listing() -> None:
+        try:
+            box["inputs"] = encode_inputs(builder.list_inputs(builder.config))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            box["error"] = exc
+
+    th = threading.Thread(target=listing, name="gr3d-listing", daemon=True)
+    th.start()
+    th.join(PRESTART_AFTER_S)  # a short listing (small builds, tests, a listing that fails at once) starts nothing
+    if th.is_alive():
+        prestart(ray_address, builder.stages)
+    # Not in a `finally`: a failed start or a SIGINT (`Interrupted`, raised in this thread) must not wait for
+    # the listing; the daemon thread ends with the process, and `_run_build` shuts the prestarted Ray down.
+    th.join()
+    if "error" in box:
+        raise box["error"]
+    return box["inputs"]
+
+
+def _plan_and_run(builder: Builder, build_dir: Path, executor: str, inputs: EncodedInputs, t0: float, *,
+                  workers: int | None, chunk_size: int | None, limit: int | None, overwrite: bool,
+                  dry_run: bool, ray_address: str | None, num_gpus: float | None,
+                  beam_options: Sequence[str] | None, show_progress: bool,
+                  progress_interval: float) -> BuildResult:
     if overwrite and not dry_run:
         remove_build_outputs(build_dir)
     if chunk_size is None:

@@ -175,8 +175,61 @@ def _chunk_task(token: str, stages_ref: list[Any], build_dir: str, chunk_blob: b
     return state.index
 
 
+@ray.remote(num_cpus=1)
+def _warm_task(token: str, stages_ref: list[Any]) -> int:
+    """Unpickle the run's stages in a worker (importing their modules) while the driver is still listing."""
+    _worker_stages(token, stages_ref)
+    return os.getpid()
+
+
+# Ray started by `prestart` (this process owns it and must shut it down), and the run's stages already
+# shipped to the workers: (token, [stages ref]).
+_PRESTARTED: dict[str, Any] = {}
+
+
+def prestart(ray_address: str | None, stages: Sequence[Stage]) -> None:
+    """Start (or join) Ray and warm its workers, so that this start-up overlaps the driver's listing.
+
+    `run_build` calls it while the listing runs in another thread: GCS, raylet and worker processes start
+    in processes of their own, and each worker imports the stages' modules (~0.5 s CPU each) before the
+    plan exists. `execute` then takes Ray over (and shuts it down if this call started it).
+    """
+    import uuid
+
+    pre_guard = ExitStack()
+    try:
+        started = _init_ray(ray_address, pre_guard)
+    except BaseException:
+        pre_guard.close()
+        raise
+    _PRESTARTED["started"] = started or _PRESTARTED.get("started", False)
+    _PRESTARTED["guard"] = pre_guard
+    if not any(s.runs_on_actors for s in stages):  # the plain-task path (`_run_tasks`) will use them
+        token = uuid.uuid4().hex
+        stages_ref = [ray.put(pickle.dumps(list(stages), protocol=5))]
+        slots = max(1, int(float(ray.cluster_resources().get("CPU", 1.0))))
+        _PRESTARTED["warm"] = (token, stages_ref, [_warm_task.remote(token, stages_ref) for _ in range(slots)])
+
+
+def _take_prestarted() -> tuple[bool, tuple[str, list[Any]] | None, ExitStack | None]:
+    started = bool(_PRESTARTED.pop("started", False))
+    warm = _PRESTARTED.pop("warm", None)
+    return started, (warm[0], warm[1]) if warm else None, _PRESTARTED.pop("guard", None)
+
+
+def shutdown_prestarted() -> None:
+    """Shut down a Ray that `prestart` started and no `execute` took over (the build stopped before)."""
+    started, _, pre_guard = _take_prestarted()
+    try:
+        if started and ray.is_initialized():
+            ray.shutdown()
+    finally:
+        if pre_guard is not None:
+            pre_guard.close()
+
+
 def _run_tasks(stages: Sequence[Stage], plan: BuildPlan, todo: list[int], cpus: float, workers: int | None,
-               pactor: Any) -> list[int]:
+               pactor: Any, warm: tuple[str, list[Any]] | None = None) -> list[int]:
     """Submit one `_chunk_task` per to-do chunk, at most `window` at a time; returns the indices written.
 
     Each task asks the stages' declared CPUs (capped at the cluster's), so Ray runs as many at once as
@@ -188,8 +241,7 @@ def _run_tasks(stages: Sequence[Stage], plan: BuildPlan, todo: list[int], cpus: 
     num_cpus = min(max(s.resources.cpus for s in stages), cpus)
     slots = max(1, int(cpus // num_cpus)) if num_cpus > 0 else max(1, int(cpus))
     window = workers if workers else QUEUED_PER_SLOT * slots
-    token = uuid.uuid4().hex
-    stages_ref = [ray.put(pickle.dumps(list(stages), protocol=5))]
+    token, stages_ref = warm or (uuid.uuid4().hex, [ray.put(pickle.dumps(list(stages), protocol=5))])
     task = _chunk_task.options(num_cpus=num_cpus)
     build_dir = str(plan.build_dir)
     pending: list[Any] = []
@@ -291,7 +343,10 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | No
 
 def _execute(stages: Sequence[Stage], plan: BuildPlan, guard: ExitStack, *, progress: Progress | None,
              workers: int | None, ray_address: str | None, num_gpus: float | None) -> list[int]:
-    started = _init_ray(ray_address, guard)
+    prestarted, warm, pre_guard = _take_prestarted()
+    if pre_guard is not None:  # the reaper of a Ray that `prestart` started: ours to close from now on
+        guard.enter_context(pre_guard)
+    started = _init_ray(ray_address, guard) or prestarted
     stop = threading.Event()
     poller = None
     try:
@@ -315,7 +370,7 @@ def _execute(stages: Sequence[Stage], plan: BuildPlan, guard: ExitStack, *, prog
         if any(rp["segment"].actors for rp in rplan):
             written = _run_dataset(rplan, plan, todo, pactor)
         else:
-            written = _run_tasks(stages, plan, todo, cpus, workers, pactor)
+            written = _run_tasks(stages, plan, todo, cpus, workers, pactor, warm)
         stop.set()
         if poller is not None:
             poller.join()
