@@ -2,7 +2,9 @@
 
 Phases, each timed alone with `time.process_time` on the same Omni3D file: `json.load`; the Omni3D
 reader (which includes its own `json.load`: subtract the first line); det3d's trimming (`_omni3d_item`);
-encoding (`pipelines.engine.plan.encode_inputs`: pickle + zlib, sort); chunking with the plan.json digests. Run it
+encoding (`pipelines.engine.plan.encode_inputs`: pickle + zlib, sort); chunking; the plan.json digests (a
+serial phase before any chunk runs in a baseline tree; in the streamed plan they are computed as chunks are
+released, while the workers run). Run it
 with `PYTHONPATH` pointing at each code tree to compare them, interleaved.
 
 Run: `PYTHONPATH=. .venv/bin/python -m bench.driver_phases FILE DATA_ROOT` (FILE from `bench.omni3d_big`).
@@ -39,14 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     enc = encode_inputs(items)
     t_enc = t() - c
     c = t()
-    _encoded_chunks(enc.pairs, 200)
-    t_dig = t() - c
+    try:  # the streamed plan (issue 18b): chunks without digests, then the digests apart (overlapping the run)
+        chunks = _encoded_chunks(enc.pairs, 200, lazy=True)
+        t_chunks = t() - c
+        c = t()
+        for ch in chunks:
+            ch.ensure_digest()
+        t_dig = t() - c
+    except TypeError:  # a tree from before: the digests are part of cutting the chunks, before any chunk runs
+        _encoded_chunks(enc.pairs, 200)
+        t_chunks, t_dig = 0.0, t() - c
     c = t()
     for it in items:
         json.dumps(it, sort_keys=True, separators=(",", ":"), default=str)
     t_js = t() - c
     ms = {k: 1e3 * v / n for k, v in dict(json=t_json, reader_incl_json=t_read, trim=t_lean, encode=t_enc,
-                                           chunks_and_digests=t_dig, canonical_json_alone=t_js).items()}
+                                           chunks=t_chunks, digests=t_dig, canonical_json_alone=t_js).items()}
     print(f"n={n} CPU ms per input: " + " ".join(f"{k} {v:.3f}" for k, v in ms.items()))
     print(f"blob bytes per input {sum(len(b) for _, b in enc.pairs) / n:.0f}")
     return 0

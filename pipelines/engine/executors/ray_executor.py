@@ -3,7 +3,10 @@
 CPU-only stage lists (det3d, pointmaps, most builds) run as one plain Ray task per chunk
 (`_chunk_task`): the task gets the plan's encoded chunk, runs every stage and writes the shard; the
 driver keeps a bounded window of tasks submitted (`_run_tasks`), so the raylet always has the next
-chunk queued when a worker frees up. A chunk is one row, so Ray Data's block machinery (a pyarrow table
+chunk queued when a worker frees up. Streamed plan: each chunk is taken with `plan.release(i)` (its
+digest recorded in plan.json first), and the next chunk's digest is computed while the driver waits on
+the running ones, so the digests overlap the workers. `run_build` may have started Ray and warmed the
+workers during the listing (`prestart`). A chunk is one row, so Ray Data's block machinery (a pyarrow table
 per chunk, operator scheduling, the chunk state pickled into a column) only cost time there
 (bench/executors.md, "Where the time went"). Each worker process keeps the stages it unpickled for the
 run (keyed by a run token), so a stage's `setup()` runs once per worker process, not once per chunk.
@@ -246,16 +249,17 @@ def _run_tasks(stages: Sequence[Stage], plan: BuildPlan, todo: list[int], cpus: 
     build_dir = str(plan.build_dir)
     pending: list[Any] = []
     written: list[int] = []
-    queue = iter(todo)
+    pos = 0
     try:
         while True:
-            for i in queue:
+            while pos < len(todo) and len(pending) < window:
                 pending.append(task.remote(token, stages_ref, build_dir,
-                                           pickle.dumps(plan.release(i), protocol=5), pactor))
-                if len(pending) >= window:
-                    break
+                                           pickle.dumps(plan.release(todo[pos]), protocol=5), pactor))
+                pos += 1
             if not pending:
                 return written
+            if pos < len(todo):  # the streamed plan: digest the next chunk now, while the workers are busy
+                plan.release(todo[pos])
             ready, pending = ray.wait(pending, num_returns=1)
             written.extend(ray.get(ready))  # a failed chunk raises here (RayTaskError with its cause)
     except BaseException:
