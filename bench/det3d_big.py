@@ -5,7 +5,8 @@ Each run is the real CLI in a fresh process (`python -m pipelines.cli build det3
 trees (a checkout of the baseline commit, e.g. `git archive BASE | tar -x -C DIR`, and this one); each
 run gets `PYTHONPATH=DIR`. Per run: wall seconds, CPU seconds of the whole process tree (the driver's
 rusage plus every descendant's CPU as last polled every 0.25 s: Ray's raylet, GCS and workers, Beam's SDK
-workers; a descendant's last < 0.25 s is missed, so Ray and Beam are slightly flattered), peak driver RSS. Outputs are compared byte for byte with the first tree's local run.
+workers; a descendant's last < 0.25 s is missed, so Ray and Beam are slightly flattered), peak driver RSS (polled
+every 0.25 s). Outputs are compared byte for byte with the first tree's local run.
 Prints medians over `--repeat` interleaved repetitions, ratios to the first tree's local run, and the
 load average before every run.
 
@@ -57,12 +58,15 @@ def run_once(tree: str, args: list[str]) -> tuple[float, float, float, str]:
     proc = subprocess.Popen([sys.executable, "-c", wrapper, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tree)
     seen: dict[int, float] = {}  # pid -> last CPU seconds seen (Ray's daemons and workers are not reaped here)
+    peak = [0]  # the driver's RSS, polled: its ru_maxrss starts at this bench's own RSS when it is forked
     stop = threading.Event()
 
     def poll() -> None:
         while not stop.wait(0.25):
             try:
-                kids = psutil.Process(proc.pid).children(recursive=True)
+                driver = psutil.Process(proc.pid)
+                peak[0] = max(peak[0], driver.memory_info().rss)
+                kids = driver.children(recursive=True)
             except psutil.Error:
                 continue
             for k in kids:
@@ -84,7 +88,9 @@ def run_once(tree: str, args: list[str]) -> tuple[float, float, float, str]:
     # the driver (reaped: rusage) + its descendants as last polled (they may exit un-reaped by us)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime) + sum(seen.values())
     p = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
-    rss = next((int(line.split()[1]) / 1024 for line in p.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), 0.0)
+    # ru_maxrss of the driver is not used: a forked child's high-water mark starts at the parent's RSS (this
+    # bench holds the reference build's bytes), which inflated every later run's figure.
+    rss = peak[0] / 2**20
     return wall, cpu, rss, p.stdout
 
 
