@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     for name, r in json.loads(ev.read_text()).items():
         g = r.get("grounding") or {}
         print(f"  {name:6s} region->3D AP15 {_pct(r['region3d']['AP15'])}, median depth error "
-              f"{r['region3d']['median_rel_depth_error']}; detect_3d AP15 {_pct(r['detect3d']['AP15'])}; "
+              f"{r['region3d']['median_rel_depth_error']:.3f}; detect_3d AP15 {_pct(r['detect3d']['AP15'])}; "
               f"grounding Acc@0.5 {_pct(g.get('acc50'))}")
     print("  (a pipeline check at demo scale; the learning benchmark with the small preset: bench/learning.md)")
     return 0
