@@ -24,7 +24,10 @@ def _items(n: int, tag: str = "") -> list[dict]:
     return [{"key": f"s{i:03d}", "path": f"/data/{i}{tag}.png"} for i in range(n)]
 
 
-def _fake_done(d: Path, i: int) -> None:
+def _fake_done(d: Path, i: int, plan=None) -> None:
+    """Mark chunk `i` finished as an executor would: its digest released into plan.json first."""
+    if plan is not None:
+        plan.release(i)
     (d / "shards").mkdir(parents=True, exist_ok=True)
     (d / "shards" / f"{i:06d}.tar").write_bytes(b"")
     stats_path(d, i).write_text("{}")
@@ -50,7 +53,7 @@ def test_plan_done_todo_limit_and_dry_run_writes_nothing(tmp_path: Path) -> None
     assert plan.n_inputs == 22 and plan.todo == [0, 1, 2] and plan.done == []
     assert not any(tmp_path.iterdir())  # planning never writes
     prepare_build_dir(plan, "b", cfg)
-    _fake_done(tmp_path, 1)
+    _fake_done(tmp_path, 1, plan)
     plan2 = make_plan("b", cfg, _items(25), tmp_path, 10, limit=22)
     assert plan2.done == [1] and plan2.todo == [0, 2]
     assert "done: 1  to do: 2" in plan2.describe() and "0, 2" in plan2.describe()
@@ -61,7 +64,7 @@ def test_changed_inputs_redo_only_their_chunks_and_extra_shards_go(tmp_path: Pat
     plan = make_plan("b", cfg, _items(30), tmp_path, 10)
     prepare_build_dir(plan, "b", cfg)
     for i in range(3):
-        _fake_done(tmp_path, i)
+        _fake_done(tmp_path, i, plan)
     changed = _items(30)
     changed[15]["path"] = "/elsewhere.png"  # chunk 1 changes
     plan2 = make_plan("b", cfg, changed[:20], tmp_path, 10)  # and the listing shrinks to 2 chunks
