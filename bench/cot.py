@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.corpora.cot.builder import CotConfig, list_inputs, make_cot_builder
     from pipelines.corpora.cot.common import _load_rgb, _mention_of
     from pipelines.corpora.cot.stages import ReadStage
+    from pipelines.engine.options import BuildOptions
     from pipelines.engine.run import run_build
     from pipelines.sample_world import generate
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             b = builder(out, cache)
             counted.update(florence2=0, vlm=0)
             t0 = time.perf_counter()
-            run_build(b, out, "local", chunk_size=args.chunk_size, show_progress=False)
+            run_build(b, out, BuildOptions.on("local", chunk_size=args.chunk_size, show_progress=False))
             return time.perf_counter() - t0, dict(counted)
 
         t_bare, t_pipe, t_cached = [], [], []

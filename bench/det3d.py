@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from pipelines.corpora.det3d.builder import Det3dBuildConfig, make_builder
+    from pipelines.engine.options import BuildOptions
     from pipelines.engine.run import run_build
     from pipelines.sample_world import SampleWorld, generate
 
@@ -152,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     sw.validate_record = lambda kind, rec: None
                 try:
                     c0, p0, t0 = _tree_cpu(), time.process_time(), time.perf_counter()
-                    res = run_build(builder, out, real, chunk_size=args.chunk_size,
-                                    workers=args.workers if real != "local" else None, show_progress=False)
+                    res = run_build(builder, out, BuildOptions.on(real, chunk_size=args.chunk_size,
+                                    workers=args.workers if real != "local" else None, show_progress=False))
                     wall = time.perf_counter() - t0
                     cpu = time.process_time() - p0 if real == "local" else _cpu_since(c0)
                 finally:

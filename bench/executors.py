@@ -32,11 +32,13 @@ def _run(builder: Any, out: Path, executor: str, chunk_size: int, workers: int) 
     Steady state: inputs of the shards completed after the first one, divided by the time between the
     first and the last completion (stats-file mtimes), i.e. the rate once start-up costs are paid.
     """
+    from pipelines.engine.options import BuildOptions
     from pipelines.engine.run import run_build
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    run_build(builder, out, executor, chunk_size=chunk_size, workers=workers, show_progress=False)
+    run_build(builder, out,
+              BuildOptions.on(executor, chunk_size=chunk_size, workers=workers, show_progress=False))
     secs = time.perf_counter() - t0
     done = sorted((p.stat().st_mtime, json.loads(p.read_text())["n_input"])
                   for p in (out / "shards").glob("*.stats.json"))

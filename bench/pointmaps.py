@@ -82,6 +82,7 @@ def e2e_bench(world: Any, source: str, n: int, chunk_size: int, mode: str, conve
               out_root: Path) -> dict[str, Any]:
     from pipelines.corpora.pointmaps.builder import PointmapConfig, list_inputs, make_builder
     from pipelines.corpora.pointmaps.sampling import SamplerConfig
+    from pipelines.engine.options import BuildOptions
     from pipelines.engine.plan import Builder
     from pipelines.engine.run import run_build
 
@@ -102,7 +103,7 @@ def e2e_bench(world: Any, source: str, n: int, chunk_size: int, mode: str, conve
     out = out_root / f"{source}_{mode}_{conversations}"
     shutil.rmtree(out, ignore_errors=True)
     c0, t0 = time.process_time(), time.perf_counter()
-    res = run_build(builder, out, "local", chunk_size=chunk_size, show_progress=False)
+    res = run_build(builder, out, BuildOptions.on("local", chunk_size=chunk_size, show_progress=False))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     written = res.manifest["totals"]["n_samples"]
     assert written == n, res.manifest["totals"]

@@ -9,6 +9,8 @@
       plan.json  index.parquet  rejects.parquet  manifest.json  run.json
       features.json  README.md      column types + dataset card for Hugging Face datasets (shards/hf_card.py)
       cache/                        the annotators' response cache (cot; kept by --overwrite)
+      setup_error.json              only while a failed run stops: the stage setup failure a worker
+                                    recorded for the driver (pipelines/engine/setup_error.py); removed by it
 
 `BuildLayout(root)` names each of these; the module functions are the same facts for callers that hold
 a directory and an index. `BUILD_OUTPUTS` is what `--overwrite` deletes (never anything else).
@@ -28,7 +30,7 @@ from shards import jsonio
 
 __all__ = [
     "SHARD_DIGITS", "SHARDS_DIR", "INTERMEDIATE_DIR", "PLAN_FILE", "INDEX_FILE", "REJECTS_FILE", "MANIFEST_FILE",
-    "RUN_FILE", "FEATURES_FILE", "CARD_FILE", "BUILD_OUTPUTS", "BuildLayout", "shard_name", "shards_dir", "tar_path", "index_path", "rejects_path",
+    "RUN_FILE", "FEATURES_FILE", "CARD_FILE", "SETUP_ERROR_FILE", "BUILD_OUTPUTS", "BuildLayout", "shard_name", "shards_dir", "tar_path", "index_path", "rejects_path",
     "stats_path", "intermediate_path", "is_done", "clean_partial", "remove_intermediate_temps",
 ]
 
@@ -42,6 +44,7 @@ MANIFEST_FILE = "manifest.json"
 RUN_FILE = "run.json"
 FEATURES_FILE = "features.json"
 CARD_FILE = "README.md"  # the name `datasets.load_dataset(BUILD_DIR)` reads its card from
+SETUP_ERROR_FILE = "setup_error.json"  # never left in a build: the driver takes it when the run fails
 # What `--overwrite` deletes: only the paths a build writes, never anything else in the directory.
 BUILD_OUTPUTS = (SHARDS_DIR, INTERMEDIATE_DIR, INDEX_FILE, REJECTS_FILE, MANIFEST_FILE, RUN_FILE, PLAN_FILE,
                  FEATURES_FILE, CARD_FILE)
@@ -180,6 +183,10 @@ class BuildLayout:
     @property
     def plan(self) -> Path:
         return self.root / PLAN_FILE
+
+    @property
+    def setup_error(self) -> Path:
+        return self.root / SETUP_ERROR_FILE
 
     def done_shards(self) -> Iterator[int]:
         """Indices of the finished chunks, in order (tars whose stats file marks them done)."""

@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.engine.options import BuildOptions
 from pipelines.engine.run import BuildResult, run_build
 from shards.keys import validate_key
 from shards.reader import iter_samples
@@ -61,7 +62,7 @@ def build_in_sandbox(corpus: BadCorpus, builder: Any, out: Path, executor: str =
     sandbox = corpus.root.parent
     base = sandbox.parent
     before, base_before = snapshot(sandbox), sorted(os.listdir(base))
-    res = run_build(builder, out, executor, chunk_size=CHUNK, show_progress=False, **kw)
+    res = run_build(builder, out, BuildOptions.on(executor, chunk_size=CHUNK, show_progress=False, **kw))
     after = snapshot(sandbox)
     inside = out.relative_to(sandbox).as_posix()
     changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p)

@@ -17,6 +17,7 @@ from pipelines.corpora.cot.assign import assign_boxes
 from pipelines.corpora.cot.builder import CotConfig, make_cot_builder
 from pipelines.corpora.cot.stages import ComposeStage
 from pipelines.corpora.cot.text import POINT_SUFFIX_GR3D, compose_turn, find_point_lists
+from pipelines.engine.options import BuildOptions
 from pipelines.engine.run import run_build
 from pipelines.engine.stage import StageSetupError
 from schemas.grammar import REGION, check_regions, find_grounded, format_bbox2d
@@ -77,7 +78,7 @@ def test_oracle_build_matches_ground_truth_and_is_identical_on_local_ray_beam(
     for ex, kw in {"local": {}, "ray": {"workers": 2}, "beam": {"workers": 1}}.items():
         out = tmp_path / ex
         b = make_cot_builder(CotConfig(FILES, sample_world.root, out=out, tagger="oracle", verifier="oracle"))
-        res = run_build(b, out, ex, chunk_size=4, show_progress=False, **kw)
+        res = run_build(b, out, BuildOptions.on(ex, chunk_size=4, show_progress=False, **kw))
         t = res.manifest["totals"]
         assert t["n_input"] == 11 and t["n_samples"] + t["n_rejected"] == 11
         outs[ex] = compared_files(out)
@@ -172,7 +173,7 @@ def test_bad_inputs_become_rejects_with_specific_reasons(tmp_path: Path, sample_
     (root / "bad.json").write_text(json.dumps(recs))
     b = make_cot_builder(CotConfig(["bad.json"], root, out=tmp_path / "b", tagger="oracle", verifier="oracle", image_root="img",
                          ground_truth=str(sample_world.root / "ground_truth.json")))
-    res = run_build(b, tmp_path / "b", "local", chunk_size=5, show_progress=False)
+    res = run_build(b, tmp_path / "b", BuildOptions.on("local", chunk_size=5, show_progress=False))
     t = res.manifest["totals"]
     assert t["n_input"] == 13 and t["n_samples"] == 1 and t["n_rejected"] == 12
     got = {k.rsplit("/", 1)[1]: (r["stage"], r["reason"]) for k, r in rejects(tmp_path / "b").items()}
@@ -319,8 +320,8 @@ def test_openai_backend_survives_429_500_timeout_and_keeps_garbage_as_rejects(
         tmp_path: Path, sample_world, stub: OpenAIStub) -> None:
     stub.script(Step(429, retry_after="0"), Step(500), Step(delay=1.2))  # each retried by the client
     out = tmp_path / "http"
-    res = run_build(_http_builder(sample_world.root, out, stub.url), out, "local", chunk_size=4,
-                    show_progress=False)
+    res = run_build(_http_builder(sample_world.root, out, stub.url), out,
+                    BuildOptions.on("local", chunk_size=4, show_progress=False))
     assert not stub._steps  # the three failures were served (and survived)
     t = res.manifest["totals"]
     assert (t["n_input"], t["n_samples"], t["n_rejected"]) == (11, 10, 1)
@@ -343,8 +344,8 @@ def test_openai_backend_survives_429_500_timeout_and_keeps_garbage_as_rejects(
     assert (out / "cache" / "annotator_cache.sqlite").stat().st_size > 0
     n = len(stub.requests)
     first = compared_files(out)
-    run_build(_http_builder(sample_world.root, out, stub.url), out, "local", chunk_size=4, overwrite=True,
-              show_progress=False)
+    run_build(_http_builder(sample_world.root, out, stub.url), out,
+              BuildOptions.on("local", chunk_size=4, overwrite=True, show_progress=False))
     assert len(stub.requests) == n and compared_files(out) == first
 
 
@@ -353,8 +354,8 @@ def test_unreachable_model_stops_the_build_without_leaking_the_key(tmp_path: Pat
     stub.script(*[Step(500)] * 40)
     out = tmp_path / "down"
     with pytest.raises(StageSetupError) as ei:
-        run_build(_http_builder(sample_world.root, out, stub.url, max_retries=1), out, "local", chunk_size=4,
-                  show_progress=False)
+        run_build(_http_builder(sample_world.root, out, stub.url, max_retries=1), out,
+                  BuildOptions.on("local", chunk_size=4, show_progress=False))
     assert "VLMTransportError" in str(ei.value) and "HTTP 500" in str(ei.value) and SECRET not in str(ei.value)
     assert not (out / "manifest.json").exists() and not list((out / "shards").glob("*.stats.json"))
 

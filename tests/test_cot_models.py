@@ -17,6 +17,7 @@ from annotators.florence2 import Florence2Tagger, build_tiny_florence2
 from annotators.testing import ScriptedLogits
 from annotators.vlm import TransformersVLM, build_tiny_vlm
 from pipelines.corpora.cot.builder import CotConfig, make_cot_builder
+from pipelines.engine.options import BuildOptions
 from pipelines.engine.run import run_build
 from tests.test_executors_toy import compared_files
 
@@ -24,6 +25,7 @@ torch.set_num_threads(1)
 FILES = ["RefSpatial/3D/reasoning_template_qa.json", "RefSpatial/3D/choice_qa.json"]
 # Every Florence-2 request answers this phrase-grounding box (beam search still runs, forced).
 FORCED = "object<loc_100><loc_200><loc_500><loc_700>"
+LOCAL4 = BuildOptions.on("local", chunk_size=4, show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def _totals(res) -> tuple[int, int, int]:
 
 def test_random_models_complete_and_account_for_every_input(tmp_path: Path, sample_world, tiny, calls) -> None:
     out = tmp_path / "random"
-    res = run_build(_builder(sample_world.root, out, tiny), out, "local", chunk_size=4, show_progress=False)
+    res = run_build(_builder(sample_world.root, out, tiny), out, LOCAL4)
     n_in, n_ok, n_rej = _totals(res)
     assert n_in == 11 and n_ok + n_rej == 11
     reasons = set(res.manifest["rejects_by_reason"])
@@ -103,7 +105,7 @@ def test_forced_tagger_random_verifier_same_bytes_on_local_ray_beam_and_rebuilds
     # one request per generate call makes its answers batch-invariant, hence executor-invariant.
     kw = dict(tagger_kwargs=_forced_tagger_kwargs(tiny), rewrite="none", verifier_batch_size=1)
     out = tmp_path / "local"
-    res = run_build(_builder(sample_world.root, out, tiny, **kw), out, "local", chunk_size=4, show_progress=False)
+    res = run_build(_builder(sample_world.root, out, tiny, **kw), out, LOCAL4)
     assert _totals(res) == (11, 0, 11)
     # every mention got Florence-2's (forced) box; the random VLM's answers are unusable -> rejects, raw kept
     assert res.manifest["rejects_by_reason"] == {"verifier_malformed_output": 11}
@@ -124,20 +126,20 @@ def test_forced_tagger_random_verifier_same_bytes_on_local_ray_beam_and_rebuilds
 
     # re-run over the finished build: nothing to do, zero model calls
     calls.update(florence2=0, vlm=0)
-    res = run_build(_builder(sample_world.root, out, tiny, **kw), out, "local", show_progress=False)
+    res = run_build(_builder(sample_world.root, out, tiny, **kw), out, BuildOptions.on("local", show_progress=False))
     assert res.processed == [] and calls == {"florence2": 0, "vlm": 0}
     # rebuild from scratch (--overwrite deletes shards and intermediates, keeps BUILD/cache): zero calls too
     ref = compared_files(out)
-    res = run_build(_builder(sample_world.root, out, tiny, **kw), out, "local", chunk_size=4, overwrite=True,
-                    show_progress=False)
+    res = run_build(_builder(sample_world.root, out, tiny, **kw), out,
+                    BuildOptions.on("local", chunk_size=4, overwrite=True, show_progress=False))
     assert res.processed == [0, 1, 2] and calls == {"florence2": 0, "vlm": 0}
     assert compared_files(out) == ref
 
     # the model stages as actor pools on Ray (num_gpus from the CLI: 0 here) and as DoFns on Beam
     for ex, workers in (("ray", 1), ("beam", 1)):
         o = tmp_path / ex
-        run_build(_builder(sample_world.root, o, tiny, **kw), o, ex, chunk_size=4, workers=workers,
-                  show_progress=False)
+        run_build(_builder(sample_world.root, o, tiny, **kw), o,
+                  BuildOptions.on(ex, chunk_size=4, workers=workers, show_progress=False))
         assert compared_files(o) == ref, ex
 
 
@@ -146,7 +148,7 @@ def test_default_tagger_settings_give_no_exception_rejects(tmp_path: Path, sampl
     every sample became an `exception` reject; generation is now bounded by the decoder's positions."""
     out = tmp_path / "default"
     b = _builder(sample_world.root, out, tiny, tagger_max_new_tokens=1024)
-    res = run_build(b, out, "local", chunk_size=4, show_progress=False)
+    res = run_build(b, out, LOCAL4)
     n_in, n_ok, n_rej = _totals(res)
     assert n_in == 11 and n_ok + n_rej == 11
     assert "exception" not in res.manifest["rejects_by_reason"] and "model_error" not in res.manifest["rejects_by_reason"]
@@ -169,7 +171,7 @@ def test_a_model_error_on_one_sample_is_a_model_error_reject(tmp_path: Path, sam
 
     monkeypatch.setattr(Florence2Tagger, "_generate", failing)
     out = tmp_path / "poison"
-    res = run_build(_builder(sample_world.root, out, tiny), out, "local", chunk_size=4, show_progress=False)
+    res = run_build(_builder(sample_world.root, out, tiny), out, LOCAL4)
     rej = pq.read_table(out / "rejects.parquet").to_pylist()
     errs = [r for r in rej if r["reason"] == "model_error"]
     assert errs and all(r["stage"] == "tag" for r in errs)

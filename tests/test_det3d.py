@@ -34,6 +34,7 @@ from pipelines.corpora.det3d.convert import (
     make_record,
     text_box,
 )
+from pipelines.engine.options import BuildOptions
 from pipelines.engine.run import run_build
 from schemas import records
 from schemas.camera import box_corners
@@ -54,7 +55,8 @@ from shards.verify import verify_build
 
 
 def _build(builder: Any, out: Path, **kw: Any) -> Any:
-    return run_build(builder, out, "local", chunk_size=kw.pop("chunk_size", 4), show_progress=False, **kw)
+    return run_build(builder, out,
+                     BuildOptions.on("local", chunk_size=kw.pop("chunk_size", 4), show_progress=False, **kw))
 
 
 def _samples(build_dir: Path) -> list[dict[str, Any]]:

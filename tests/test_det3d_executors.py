@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from pipelines.corpora.det3d.builder import Det3dBuildConfig, make_builder
+from pipelines.engine.options import BuildOptions
 from pipelines.engine.run import run_build
 from shards.verify import verify_build
 
@@ -38,7 +39,7 @@ def test_ray_beam_and_local_write_identical_det3d_shards(sample_world: Any, tmp_
     got = {}
     for name, kw in runs.items():
         out = tmp_path / name
-        res = run_build(b, out, name, chunk_size=CHUNK, show_progress=False, **kw)
+        res = run_build(b, out, BuildOptions.on(name, chunk_size=CHUNK, show_progress=False, **kw))
         n = res.manifest["totals"]["n_input"]
         assert n == 2 * sample_world.manifest["counts"]["views"] and res.processed == list(range(-(-n // CHUNK)))
         assert res.manifest["totals"]["n_samples"] == n

@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.engine.chunk import run_chunk
+from pipelines.engine.options import BuildOptions
 from pipelines.engine.plan import Builder, make_plan, prepare_build_dir
 from pipelines.engine.run import run_build
 from pipelines.engine.stage import Item, Reject, Resources, Stage, StageSetupError
-from shards.layout import is_done, stats_path
-from tests.test_executors_toy import ToyModel, compared_files, toy_builder
+from shards.layout import SETUP_ERROR_FILE, is_done, stats_path
+from tests.test_executors_toy import Finalize, Render, ToyModel, compared_files, toy_builder, toy_inputs
 
 N, CS = 40, 10
 
@@ -33,7 +34,7 @@ def _plain_loop(builder, out: Path) -> None:
 
 def _run(builder, out: Path, executor: str, **kw):
     kw.setdefault("chunk_size", CS)
-    return run_build(builder, out, executor, show_progress=False, **kw)
+    return run_build(builder, out, BuildOptions.on(executor, show_progress=False, **kw))
 
 
 @pytest.mark.ray
@@ -119,17 +120,56 @@ def test_sample_exceptions_become_rejects_and_counts_add_up(tmp_path: Path) -> N
     assert f"inputs: {N}" in text and "render: ValueError" in text and "rejects by reason: exception=" in text
 
 
-@pytest.mark.parametrize("executor", ["local", "beam", pytest.param("ray", marks=pytest.mark.ray)])
-def test_setup_failure_stops_the_run_with_a_clear_message(tmp_path: Path, executor: str, request) -> None:
+SETUP_MSG = "setup() of stage 'toy_model' failed: OSError: weights file /nonexistent/toy.safetensors not found"
+
+
+class NeedsTool(Stage):
+    """A CPU stage whose setup fails: with no model stage, Ray runs plain tasks (another path than Ray Data)."""
+
+    def setup(self) -> None:
+        raise OSError("tool /nonexistent/bin/tool not found")
+
+    def process(self, batch: list[Item]) -> tuple[list[Item], list[Reject]]:
+        return batch, []
+
+
+# Beam with one worker runs in this process (the error comes back chained); with two, in SDK worker
+# processes (it comes back as the runner's text); Ray Data wraps it in UserCodeException.
+@pytest.mark.parametrize("executor,workers", [
+    ("local", 1), ("beam", 1), pytest.param("beam", 2, marks=pytest.mark.slow),
+    pytest.param("ray", 1, marks=pytest.mark.ray)])
+def test_setup_failure_stops_the_run_with_a_clear_message(tmp_path: Path, executor: str, workers: int,
+                                                          request) -> None:
     if executor == "ray":
         request.getfixturevalue("ray_session")
     b = toy_builder(12, fail_setup=True)
     with pytest.raises(StageSetupError) as ei:
-        _run(b, tmp_path, executor, chunk_size=4, workers=1)
-    msg = str(ei.value)
-    assert msg == ("setup() of stage 'toy_model' failed: OSError: weights file /nonexistent/toy.safetensors "
-                   "not found"), msg
+        _run(b, tmp_path, executor, chunk_size=4, workers=workers)
+    assert str(ei.value) == SETUP_MSG, str(ei.value)
     assert not any(is_done(tmp_path, i) for i in range(3)) and not (tmp_path / "manifest.json").exists()
+    assert not (tmp_path / SETUP_ERROR_FILE).exists()  # the worker's record was taken by the driver
+
+
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_cpu_stage_setup_failure_on_plain_ray_tasks(tmp_path: Path, executor: str, request) -> None:
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
+    b = Builder("toy", {"n": 8}, toy_inputs, [Render(), NeedsTool(), Finalize()])
+    with pytest.raises(StageSetupError) as ei:
+        _run(b, tmp_path, executor, chunk_size=4, workers=1)
+    assert str(ei.value) == "setup() of stage 'needs_tool' failed: OSError: tool /nonexistent/bin/tool not found"
+
+
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_setup_failure_is_one_line_from_gr3d_build(tmp_path: Path, executor: str, request, capsys) -> None:
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
+    from pipelines.cli import main
+
+    rc = main(["build", "toy", "--out", str(tmp_path / "b"), "--executor", executor, "--workers", "1",
+               "--chunk-size", "4", "--n", "12", "--fail-setup", "--quiet"])
+    ours = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("gr3d ")]
+    assert rc == 2 and ours == [f"gr3d build toy: error: {SETUP_MSG}"], ours
 
 
 def test_rerun_reuses_model_intermediates_and_redoes_only_missing_chunks(tmp_path: Path) -> None:
@@ -222,3 +262,22 @@ def test_beam_options_local_runner_never_prism_and_portable_runners_pass_through
     assert not local and opts.view_as(StandardOptions).runner == "FlinkRunner"
     assert opts.get_all_options()["flink_master"] == "flink:8081" and opts.get_all_options()["parallelism"] == 8
     assert opts.view_as(DirectOptions).direct_num_workers == 1  # untouched for a portable runner
+
+
+def test_common_build_flags_become_typed_options_once() -> None:
+    """`gr3d build`'s common flags, read by `BuildOptions.from_args` alone: each lands in one typed field."""
+    from pipelines.cli import build_parser
+    from pipelines.engine.options import BeamOptions, BuildOptions, ExecutorOptions, RayOptions
+
+    args = build_parser().parse_args([
+        "build", "toy", "--out", "x", "--executor", "beam", "--workers", "3", "--chunk-size", "7", "--limit", "9",
+        "--overwrite", "--dry-run", "--ray-address", "head:6379", "--num-gpus", "0", "--quiet",
+        "--progress-interval", "2", "--beam-options=--runner=FlinkRunner --flink_master='h:8081'",
+        "--beam-options=--environment_type=DOCKER"])
+    assert BuildOptions.from_args(args) == BuildOptions(
+        executor=ExecutorOptions("beam", workers=3, ray=RayOptions(address="head:6379", num_gpus=0.0),
+                                 beam=BeamOptions(("--runner=FlinkRunner", "--flink_master=h:8081",
+                                                   "--environment_type=DOCKER"))),
+        chunk_size=7, limit=9, overwrite=True, dry_run=True, show_progress=False, progress_interval=2.0)
+    defaults = BuildOptions.from_args(build_parser().parse_args(["build", "toy", "--out", "x"]))
+    assert defaults == BuildOptions() and defaults.executor.name == "ray"

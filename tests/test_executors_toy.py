@@ -172,11 +172,12 @@ def _add_arguments(p: Any) -> None:
     p.add_argument("--cost-ms", type=float, default=0.0)
     p.add_argument("--model-cost-ms", type=float, default=0.0)
     p.add_argument("--calls-dir", default=None)
+    p.add_argument("--fail-setup", action="store_true", help="the model stage's setup fails (weights not found)")
 
 
 def _make(args: Any) -> Builder:
     return toy_builder(args.n, fail_mod=args.fail_mod, cost_ms=args.cost_ms, model_cost_ms=args.model_cost_ms,
-                       calls_dir=args.calls_dir)
+                       calls_dir=args.calls_dir, fail_setup=args.fail_setup)
 
 
 register_builder("toy", _make, help="toy builder of the execution-core tests", add_arguments=_add_arguments)

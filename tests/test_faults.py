@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from pipelines.engine.build_cli import register_builder
+from pipelines.engine.options import BuildOptions
 from pipelines.engine.plan import Builder, remove_build_outputs
 from pipelines.engine.run import run_build
 from pipelines.engine.stage import Item, Reject, Resources, Stage
@@ -189,7 +190,8 @@ def _assert_identical(out: Path, ref: Path) -> None:
 def test_worker_sigkilled_mid_stage_is_retried_byte_identical(cluster: RayCluster, tmp_path: Path) -> None:
     ref, out, markers = tmp_path / "ref", tmp_path / "out", tmp_path / "markers"
     markers.mkdir()
-    run_build(faulty_builder(with_model=False), ref, "local", chunk_size=CS, show_progress=False)
+    run_build(faulty_builder(with_model=False), ref,
+              BuildOptions.on("local", chunk_size=CS, show_progress=False))
 
     _finish(_build(cluster, out, "--no-model", "--kill-cpu", CPU_VICTIM, "--marker-dir", str(markers)))
     killed = int((markers / "cpu.killed").read_text())
@@ -206,7 +208,7 @@ def test_model_actor_killed_mid_chunk_is_restarted_and_chunk_redone(cluster: Ray
     ref, out, markers, calls = tmp_path / "ref", tmp_path / "out", tmp_path / "markers", tmp_path / "calls"
     markers.mkdir()
     calls.mkdir()
-    run_build(faulty_builder(), ref, "local", chunk_size=CS, show_progress=False)
+    run_build(faulty_builder(), ref, BuildOptions.on("local", chunk_size=CS, show_progress=False))
 
     _finish(_build(cluster, out, "--kill-model", MODEL_VICTIM, "--marker-dir", str(markers),
                    "--calls-dir", str(calls)))
@@ -304,7 +306,7 @@ def test_driver_sigkilled_on_cluster_mid_run_then_resumed_is_byte_identical(clus
     """The Ray flavour: the killed driver's job (its tasks, its model actors) dies with it on the cluster,
     and the re-run, a new job, resumes from the shards and model intermediates already written."""
     ref, out = tmp_path / "ref", tmp_path / "out"
-    run_build(faulty_builder(), ref, "local", chunk_size=CS, show_progress=False)
+    run_build(faulty_builder(), ref, BuildOptions.on("local", chunk_size=CS, show_progress=False))
     victim = _build(cluster, out)
     deadline = time.monotonic() + 120
     while victim.poll() is None and time.monotonic() < deadline and not any(is_done(out, i) for i in range(N // CS)):

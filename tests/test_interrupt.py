@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.engine.options import BuildOptions
 from pipelines.engine.reaper import owned_processes, tagged_processes
 from pipelines.engine.run import run_build
 from shards import interrupt
@@ -179,7 +180,8 @@ def _assert_resumed(out: Path, ref: Path, done: set[int], executor: str) -> None
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ref = tmp_path_factory.mktemp("ref") / "ref"
-    run_build(toy_builder(N, cost_ms=COST_MS), ref, "local", chunk_size=CS, show_progress=False)
+    run_build(toy_builder(N, cost_ms=COST_MS), ref,
+              BuildOptions.on("local", chunk_size=CS, show_progress=False))
     return ref
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.corpora.det3d.builder import Det3dBuildConfig, make_builder
+from pipelines.engine.options import BuildOptions
 from pipelines.engine.plan import encode_inputs
 from pipelines.engine.run import run_build
 
@@ -33,7 +34,7 @@ def traced_peak(builder: Any, items: list[dict[str, Any]], out: Path) -> tuple[i
     try:
         tracemalloc.reset_peak()
         base, _ = tracemalloc.get_traced_memory()
-        res = run_build(builder, out, "local", chunk_size=CHUNK, show_progress=False)
+        res = run_build(builder, out, BuildOptions.on("local", chunk_size=CHUNK, show_progress=False))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -46,7 +47,8 @@ def test_det3d_build_allocations_do_not_grow_with_the_corpus(sample_world: Any, 
     small = [{**it, "key": f"{it['key']}/r{r:03d}"} for r in range(8) for it in base]
     large = [{**it, "key": f"{it['key']}/r{r:03d}"} for r in range(32) for it in base]
     run_build(make_builder(Det3dBuildConfig(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root)),
-              tmp_path / "warm", "local", chunk_size=CHUNK, limit=CHUNK, show_progress=False)  # imports, caches
+              tmp_path / "warm",  # imports, caches
+              BuildOptions.on("local", chunk_size=CHUNK, limit=CHUNK, show_progress=False))
     p1, n1 = traced_peak(b, small, tmp_path / "x1")
     p4, n4 = traced_peak(b, large, tmp_path / "x4")
     assert (n1, n4) == (len(small), len(large))  # everything written: the work really was 4x

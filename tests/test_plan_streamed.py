@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from pipelines.engine.options import BuildOptions
 from pipelines.engine.plan import (
     Builder,
     make_chunks,
@@ -81,7 +82,7 @@ def test_final_plan_json_is_the_eager_plans_bytes(tmp_path: Path, executor: str,
     if executor == "ray":
         request.getfixturevalue("ray_session")
     b = toy_builder(N, with_model=False)
-    run_build(b, tmp_path / "b", executor, chunk_size=CS, workers=2, show_progress=False)
+    run_build(b, tmp_path / "b", BuildOptions.on(executor, chunk_size=CS, workers=2, show_progress=False))
     assert (tmp_path / "b" / PLAN_FILE).read_bytes() == _old_plan_bytes(b, CS)
 
 
@@ -114,12 +115,12 @@ def test_a_run_that_dies_midway_resumes_its_finished_chunks(tmp_path: Path) -> N
     ok = Builder(good.name, good.config, good.list_inputs, [_FailOn("none"), *stages])
     out, ref = tmp_path / "out", tmp_path / "ref"
     with pytest.raises(_Crash, match="boom"):
-        run_build(bad, out, "local", chunk_size=CS, show_progress=False)
+        run_build(bad, out, BuildOptions.on("local", chunk_size=CS, show_progress=False))
     rec = _digests(out)
     assert all(rec[:4]) and not any(rec[4:])  # released: 0-3 (3 was running); the rest never handed out
-    res = run_build(ok, out, "local", chunk_size=CS, show_progress=False)
+    res = run_build(ok, out, BuildOptions.on("local", chunk_size=CS, show_progress=False))
     assert res.plan.done == [0, 1, 2] and res.plan.stale == [] and res.processed == list(range(3, 10))
-    run_build(ok, ref, "local", chunk_size=CS, show_progress=False)
+    run_build(ok, ref, BuildOptions.on("local", chunk_size=CS, show_progress=False))
     assert compared_files(out) == compared_files(ref)
     assert (out / PLAN_FILE).read_bytes() == (ref / PLAN_FILE).read_bytes()
 
@@ -129,13 +130,13 @@ def test_a_done_shard_without_a_recorded_digest_is_redone(tmp_path: Path) -> Non
     it could be another listing's output; it is redone, never trusted."""
     b = toy_builder(N, with_model=False)
     out = tmp_path / "b"
-    run_build(b, out, "local", chunk_size=CS, show_progress=False)
+    run_build(b, out, BuildOptions.on("local", chunk_size=CS, show_progress=False))
     full = (out / PLAN_FILE).read_bytes()
     rec = json.loads(full)
     rec["chunk_digests"][5] = ""
     (out / PLAN_FILE).write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
     before = compared_files(out)
-    res = run_build(b, out, "local", chunk_size=CS, show_progress=False)
+    res = run_build(b, out, BuildOptions.on("local", chunk_size=CS, show_progress=False))
     assert res.plan.stale == [5] and res.processed == [5]
     assert compared_files(out) == before and (out / PLAN_FILE).read_bytes() == full
 
@@ -171,10 +172,10 @@ def test_ray_starts_and_warms_its_workers_while_the_driver_lists(tmp_path: Path,
     good = toy_builder(N, with_model=False)
     listing, marks = _slow_listing(1.5)
     slow = Builder(good.name, good.config, listing, list(good.stages))
-    run_build(slow, tmp_path / "ray", "ray", chunk_size=CS, show_progress=False)
+    run_build(slow, tmp_path / "ray", BuildOptions.on("ray", chunk_size=CS, show_progress=False))
     assert len(calls) == 1 and calls[0] < marks["listed"]  # Ray was being set up before the listing ended
     assert ray_executor._PRESTARTED == {}  # the executor took the warm workers over
-    run_build(good, tmp_path / "local", "local", chunk_size=CS, show_progress=False)
+    run_build(good, tmp_path / "local", BuildOptions.on("local", chunk_size=CS, show_progress=False))
     assert compared_files(tmp_path / "ray") == compared_files(tmp_path / "local")
     assert (tmp_path / "ray" / PLAN_FILE).read_bytes() == (tmp_path / "local" / PLAN_FILE).read_bytes()
 
@@ -189,7 +190,7 @@ def test_a_listing_error_during_the_ray_prestart_is_raised_and_releases_ray(tmp_
     good = toy_builder(N, with_model=False)
     listing, _ = _slow_listing(2.0, fail=True)
     with pytest.raises(ValueError, match="listing broke halfway"):
-        run_build(Builder(good.name, good.config, listing, list(good.stages)), tmp_path / "b", "ray",
-                  chunk_size=CS, show_progress=False)
+        run_build(Builder(good.name, good.config, listing, list(good.stages)), tmp_path / "b",
+                  BuildOptions.on("ray", chunk_size=CS, show_progress=False))
     assert released == [True] and ray_executor._PRESTARTED == {}
     assert not (tmp_path / "b").exists()  # nothing written: the plan never existed

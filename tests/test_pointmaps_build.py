@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipelines.corpora.pointmaps.builder import PointmapConfig, make_builder
 from pipelines.corpora.pointmaps.sampling import SamplerConfig
+from pipelines.engine.options import BuildOptions
 from pipelines.engine.run import run_build
 from shards.reader import iter_samples, read_sample
 from shards.verify import verify_build
@@ -63,7 +64,8 @@ def test_same_bytes_on_local_ray_and_beam(damaged_rgbd, tmp_path, ray_session) -
     digests = {}
     for executor, workers in (("local", None), ("ray", 2), ("beam", 1)):
         out = tmp_path / executor
-        res = run_build(_builder(damaged_rgbd), out, executor, workers=workers, chunk_size=4, show_progress=False)
+        res = run_build(_builder(damaged_rgbd), out,
+                        BuildOptions.on(executor, workers=workers, chunk_size=4, show_progress=False))
         assert res.manifest["rejects_by_reason"] == REASONS
         assert verify_build(out) == []
         digests[executor] = _digests(out)
@@ -75,12 +77,12 @@ def test_same_bytes_on_local_ray_and_beam(damaged_rgbd, tmp_path, ray_session) -
 
 def test_resume_redoes_only_the_unfinished_chunk(damaged_rgbd, tmp_path) -> None:
     out = tmp_path / "b"
-    first = run_build(_builder(damaged_rgbd), out, "local", chunk_size=4, show_progress=False)
+    first = run_build(_builder(damaged_rgbd), out, BuildOptions.on("local", chunk_size=4, show_progress=False))
     assert first.processed == [0, 1, 2]
     before = _digests(out)
     (out / "shards" / "000001.stats.json").unlink()  # as if killed while writing chunk 1
     (out / "shards" / "000001.tar").write_bytes(b"torn")
-    again = run_build(_builder(damaged_rgbd), out, "local", show_progress=False)
+    again = run_build(_builder(damaged_rgbd), out, BuildOptions.on("local", show_progress=False))
     assert again.processed == [1] and again.plan.done == [0, 2]
     assert _digests(out) == before
     assert json.loads((out / "run.json").read_text())["chunks_processed"] == [1]

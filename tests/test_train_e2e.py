@@ -22,13 +22,14 @@ STEPS, EVERY = 200, 100
 @pytest.mark.slow
 def test_sample_world_det3d_train_kill_resume_and_evaluate(sample_world, tmp_path: Path) -> None:
     from pipelines.corpora.det3d.builder import Det3dBuildConfig, make_builder
+    from pipelines.engine.options import BuildOptions
     from pipelines.engine.run import run_build
     from shards.reader import iter_samples
 
     builds = tmp_path / "builds"
     builder = make_builder(Det3dBuildConfig(omni3d=sample_world.omni3d_files, embodiedscan=sample_world.embodiedscan_files,
                                            data_root=sample_world.root))
-    run_build(builder, builds / "det3d", executor="local", chunk_size=2, show_progress=False)
+    run_build(builder, builds / "det3d", BuildOptions.on("local", chunk_size=2, show_progress=False))
     samples = list(iter_samples(builds / "det3d"))
     assert len(samples) >= 6 and all(s["json"]["camera"]["scale"] > 0 for s in samples)
 

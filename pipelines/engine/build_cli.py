@@ -16,7 +16,7 @@ Corpus builders plug in by registering themselves, so this module never needs to
 and by adding their module name to `BUILDER_MODULES` below (or, for plugins and tests, to the
 `GR3D_BUILDERS` environment variable, comma-separated). Common options (all builders):
 `--out --executor ray|beam|local --workers --chunk-size --limit --overwrite --dry-run --ray-address
---num-gpus --beam-options --quiet`.
+--num-gpus --beam-options --quiet --progress-interval`, read once into `pipelines.engine.options.BuildOptions`.
 
 On a Ray cluster (`--ray-address` or RAY_ADDRESS) or a distributed Beam runner, shards are written by
 the workers: `--out` must be a path every node sees at the same place (NFS, a mounted bucket).
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,20 +146,16 @@ def _no_builders() -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen builder; print the plan (dry run) or the build summary. Exit 2 on a fatal build error."""
+    from pipelines.engine.options import BuildOptions
     from pipelines.engine.plan import PlanError
     from pipelines.engine.run import BuildError, run_build
     from pipelines.engine.stage import StageSetupError
     from schemas.cli_errors import EXIT_USAGE
 
     spec: BuilderSpec = args.builder_spec
-    beam_options = [tok for s in args.beam_options for tok in shlex.split(s)]
     try:
         builder = spec.make(args)
-        result = run_build(
-            builder, args.out, args.executor, workers=args.workers,
-            chunk_size=args.chunk_size, limit=args.limit, overwrite=args.overwrite,
-            dry_run=args.dry_run, ray_address=args.ray_address, num_gpus=args.num_gpus, beam_options=beam_options,
-            show_progress=not args.quiet, progress_interval=args.progress_interval)
+        result = run_build(builder, args.out, BuildOptions.from_args(args))
     except (StageSetupError, BuildError, PlanError) as exc:  # an unusable input file: InputError, via gr3d's main
         print(f"gr3d build {spec.name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USAGE

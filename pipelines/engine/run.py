@@ -1,13 +1,16 @@
 """Executors: run a builder's stages over its plan, chunk by chunk, and finalize the build.
 
-`run_build(builder, out_dir, executor=...)` is the one entry point. It lists and plans the inputs
-(`pipelines.engine.plan`), hands the to-do chunks to an executor, checks every chunk ended done, then calls
+`run_build(builder, out_dir, options)` is the one entry point (`options`: `engine.options.BuildOptions`).
+It lists and plans the inputs (`pipelines.engine.plan`), hands the to-do chunks to an executor, checks every chunk ended done, then calls
 `shards.manifest.finalize` and writes `run.json` (timings, executor, which chunks this run processed).
 
 - `local`: the plain in-process loop (the reference, and the benchmark baseline).
 - `ray` (default): plain Ray tasks per chunk (Ray Data when a stage needs an actor pool); embedded local
-  Ray, or a cluster via `ray_address` / RAY_ADDRESS.
-- `beam`: Apache Beam; in-process FnApiRunner locally, any portable runner through `beam_options`.
+  Ray, or a cluster via `RayOptions.address` / RAY_ADDRESS.
+- `beam`: Apache Beam; in-process FnApiRunner locally, any portable runner through `BeamOptions.args`.
+
+Each executor's `execute(stages, plan, options, progress=, progress_token=)` gets the run's
+`ExecutorOptions` as they are and reads what concerns it.
 
 All three run `pipelines.engine.chunk` on each chunk, so their shards are byte-identical. This module
 imports nothing heavy; Ray and Beam are imported only by the executor that is used.
@@ -17,17 +20,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipelines.engine import progress as progress_mod
+from pipelines.engine import setup_error
+from pipelines.engine.options import DEFAULT_CHUNK_SIZE, EXECUTORS, BuildOptions, ExecutorOptions
 from pipelines.engine.plan import (
     Builder,
     BuildPlan,
@@ -39,14 +43,12 @@ from pipelines.engine.plan import (
     remove_build_outputs,
 )
 from pipelines.engine.progress import Progress
-from pipelines.engine.stage import Stage, StageSetupError, _rebuild_setup_error
+from pipelines.engine.stage import Stage
 
 # shards.writer is light (numpy, pyarrow, jsonschema); Ray and Beam are imported by their executors only.
 from shards import interrupt
 from shards.layout import clean_partial, is_done, remove_intermediate_temps, stats_path
 
-EXECUTORS = ("ray", "beam", "local")
-DEFAULT_CHUNK_SIZE = 1000
 # Ray is started during the listing (`_list_inputs`) only when the listing takes longer than this.
 PRESTART_AFTER_S = 0.5
 
@@ -112,24 +114,6 @@ def aggregate_stats(build_dir: str | Path, n_shards: int) -> dict[str, Any]:
     return out
 
 
-def find_setup_error(exc: BaseException) -> StageSetupError | None:
-    """Dig a StageSetupError out of an exception wrapped by Ray or Beam (or its message)."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, StageSetupError):
-            return e
-        for nxt in (getattr(e, "cause", None), e.__cause__, e.__context__):
-            if isinstance(nxt, BaseException):
-                stack.append(nxt)
-    m = re.search(r"setup\(\) of stage '([^']+)' failed: ([^\n]*)", str(exc))
-    return _rebuild_setup_error(m.group(1), m.group(2)) if m else None
-
-
 def _executor_fn(name: str) -> Callable[..., list[int]]:
     if name == "local":
         from pipelines.engine.executors.local import execute
@@ -142,26 +126,20 @@ def _executor_fn(name: str) -> Callable[..., list[int]]:
     return execute
 
 
-def run_build(builder: Builder, out_dir: str | Path, executor: str = "ray", *, workers: int | None = None,
-              chunk_size: int | None = None, limit: int | None = None, overwrite: bool = False,
-              dry_run: bool = False, ray_address: str | None = None, num_gpus: float | None = None,
-              beam_options: Sequence[str] | None = None, show_progress: bool = True,
-              progress_interval: float = 5.0) -> BuildResult:
+def run_build(builder: Builder, out_dir: str | Path, options: BuildOptions | None = None) -> BuildResult:
     """Build (or resume) `builder` into `out_dir` and finalize its manifest.
 
-    Resumes by default: chunks whose shard is done are skipped, the others are redone from scratch.
-    `chunk_size=None` takes the chunk size of the build being resumed, else DEFAULT_CHUNK_SIZE.
-    `overwrite=True` deletes the previous build outputs first. `dry_run=True` only plans.
+    `options` (default: `BuildOptions()`, the Ray executor): resumes by default, so chunks whose shard is
+    done are skipped and the others are redone from scratch. `chunk_size=None` takes the chunk size of the
+    build being resumed, else DEFAULT_CHUNK_SIZE. `overwrite` deletes the previous build outputs first;
+    `dry_run` only plans.
     Raises `StageSetupError` if a stage cannot set up, `BuildError` if the run cannot complete, and
     `shards.interrupt.Interrupted` on SIGINT / SIGTERM, after the executor stopped its workers and the
     unfinished chunks' partial files were removed (its message says how many shards are done).
     """
     with interrupt.stop_on_signals():
         try:
-            return _run_build(builder, out_dir, executor, workers=workers, chunk_size=chunk_size, limit=limit,
-                              overwrite=overwrite, dry_run=dry_run, ray_address=ray_address, num_gpus=num_gpus,
-                              beam_options=beam_options, show_progress=show_progress,
-                              progress_interval=progress_interval)
+            return _run_build(builder, out_dir, options or BuildOptions())
         except interrupt.Interrupted as exc:
             if exc.told:
                 raise
@@ -170,23 +148,18 @@ def run_build(builder: Builder, out_dir: str | Path, executor: str = "ray", *, w
                 from None
 
 
-def _run_build(builder: Builder, out_dir: str | Path, executor: str, *, workers: int | None,
-               chunk_size: int | None, limit: int | None, overwrite: bool, dry_run: bool, ray_address: str | None,
-               num_gpus: float | None, beam_options: Sequence[str] | None, show_progress: bool,
-               progress_interval: float) -> BuildResult:
-    if executor not in EXECUTORS:
-        raise BuildError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    if workers is not None and workers < 1:
-        raise BuildError(f"--workers must be >= 1, got {workers}")
+def _run_build(builder: Builder, out_dir: str | Path, options: BuildOptions) -> BuildResult:
+    ex = options.executor
+    if ex.name not in EXECUTORS:
+        raise BuildError(f"unknown executor {ex.name!r}; choose one of {', '.join(EXECUTORS)}")
+    if ex.workers is not None and ex.workers < 1:
+        raise BuildError(f"--workers must be >= 1, got {ex.workers}")
     build_dir = Path(out_dir).resolve()
     t0 = time.perf_counter()
-    prestarted = executor == "ray" and not dry_run
+    prestarted = ex.name == "ray" and not options.dry_run
     try:
-        inputs = _list_inputs(builder, ray_address if prestarted else None, prestarted)
-        return _plan_and_run(builder, build_dir, executor, inputs, t0, workers=workers, chunk_size=chunk_size,
-                             limit=limit, overwrite=overwrite, dry_run=dry_run, ray_address=ray_address,
-                             num_gpus=num_gpus, beam_options=beam_options, show_progress=show_progress,
-                             progress_interval=progress_interval)
+        inputs = _list_inputs(builder, ex.ray.address if prestarted else None, prestarted)
+        return _plan_and_run(builder, build_dir, options, inputs, t0)
     finally:
         # A Ray started for this build that no executor took over (the build stopped early). Imported
         # only if the run imported it: a build that failed before Ray was touched does not pay for it.
@@ -227,42 +200,41 @@ def _list_inputs(builder: Builder, ray_address: str | None, prestart_ray: bool) 
     return box["inputs"]
 
 
-def _plan_and_run(builder: Builder, build_dir: Path, executor: str, inputs: EncodedInputs, t0: float, *,
-                  workers: int | None, chunk_size: int | None, limit: int | None, overwrite: bool,
-                  dry_run: bool, ray_address: str | None, num_gpus: float | None,
-                  beam_options: Sequence[str] | None, show_progress: bool,
-                  progress_interval: float) -> BuildResult:
+def _plan_and_run(builder: Builder, build_dir: Path, options: BuildOptions, inputs: EncodedInputs,
+                  t0: float) -> BuildResult:
+    overwrite, dry_run, chunk_size = options.overwrite, options.dry_run, options.chunk_size
     if overwrite and not dry_run:
         remove_build_outputs(build_dir)
     if chunk_size is None:
         chunk_size = (None if overwrite else recorded_chunk_size(build_dir)) or DEFAULT_CHUNK_SIZE
     # A dry run with --overwrite shows what the overwrite would do: every chunk to do.
-    plan = make_plan(builder.name, builder.config, inputs, build_dir, chunk_size, limit,
+    plan = make_plan(builder.name, builder.config, inputs, build_dir, chunk_size, options.limit,
                      ignore_existing=overwrite and dry_run)
     del inputs  # the chunks hold the blobs now; drop the pairs list for the rest of the run
-    result = BuildResult(build_dir, executor, plan, dry_run=dry_run)
+    result = BuildResult(build_dir, options.executor.name, plan, dry_run=dry_run)
     if dry_run:
         return result
     build_dir.mkdir(parents=True, exist_ok=True)
     prepare_build_dir(plan, builder.name, builder.config)
 
     prog = Progress([s.name for s in builder.stages], plan.todo_inputs, len(plan.todo),
-                    interval=progress_interval, enabled=show_progress)
+                    interval=options.progress_interval, enabled=options.show_progress)
     token = uuid.uuid4().hex
     progress_mod.register(token, prog)
     try:
         if plan.todo:
-            execute = _executor_fn(executor)
+            execute = _executor_fn(options.executor.name)
+            setup_error.clear(build_dir)
             try:
-                result.processed = sorted(execute(list(builder.stages), plan, progress=prog, progress_token=token,
-                                                  workers=workers, ray_address=ray_address, num_gpus=num_gpus,
-                                                  beam_options=list(beam_options or [])))
-            except StageSetupError:
-                raise
+                result.processed = sorted(execute(list(builder.stages), plan, options.executor, progress=prog,
+                                                  progress_token=token))
             except interrupt.Interrupted as exc:
+                setup_error.clear(build_dir)
                 raise _interrupted(exc, plan, prog) from None
             except Exception as exc:
-                err = find_setup_error(exc)
+                # A worker's setup failure comes back wrapped (or as text): the worker recorded it for us.
+                # A local one is `exc` itself, unwrapped.
+                err = setup_error.take(build_dir)
                 if err is not None:
                     raise err from exc
                 raise
@@ -275,7 +247,7 @@ def _plan_and_run(builder: Builder, build_dir: Path, executor: str, inputs: Enco
         raise BuildError(f"{len(missing)} chunk(s) not written after the run: {missing[:20]}")
     plan.release_all()  # plan.json complete (a no-op when the executor released every chunk)
     result.seconds = time.perf_counter() - t0
-    result.manifest = _finalize(builder, result, workers, ray_address, beam_options)
+    result.manifest = _finalize(builder, result, options.executor)
     return result
 
 
@@ -291,8 +263,7 @@ def _interrupted(exc: interrupt.Interrupted, plan: BuildPlan, prog: Progress) ->
                             "run the same command again to resume")
 
 
-def _finalize(builder: Builder, result: BuildResult, workers: int | None, ray_address: str | None,
-              beam_options: Sequence[str] | None) -> dict[str, Any]:
+def _finalize(builder: Builder, result: BuildResult, ex: ExecutorOptions) -> dict[str, Any]:
     """`shards.manifest.finalize` with this run's facts for run.json (never compared between runs)."""
     from shards.manifest import code_version, finalize
 
@@ -306,9 +277,9 @@ def _finalize(builder: Builder, result: BuildResult, workers: int | None, ray_ad
             stage_s[k] = stage_s.get(k, 0.0) + float(v)
     run_info = {
         "executor": result.executor,
-        "workers": workers,
-        "ray_address": (ray_address or os.environ.get("RAY_ADDRESS")) if result.executor == "ray" else None,
-        "beam_options": list(beam_options or []) if result.executor == "beam" else None,
+        "workers": ex.workers,
+        "ray_address": (ex.ray.address or os.environ.get("RAY_ADDRESS")) if result.executor == "ray" else None,
+        "beam_options": list(ex.beam.args) if result.executor == "beam" else None,
         "seconds": round(result.seconds, 3),
         "chunks_total": len(result.plan.chunks),
         "chunks_skipped_done": list(result.plan.done),
@@ -319,4 +290,5 @@ def _finalize(builder: Builder, result: BuildResult, workers: int | None, ray_ad
     return finalize(result.build_dir, cfg, code_version(), run_info=run_info)
 
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "EXECUTORS", "BuildError", "BuildResult", "Builder", "Stage", "find_setup_error", "run_build"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "EXECUTORS", "BuildError", "BuildOptions", "BuildResult", "Builder",
+           "ExecutorOptions", "Stage", "run_build"]

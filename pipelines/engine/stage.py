@@ -74,6 +74,15 @@ class StageSetupError(RuntimeError):
     def __reduce__(self):  # picklable across Ray / Beam worker boundaries with its message intact
         return (_rebuild_setup_error, (self.stage, self.cause_repr))
 
+    def to_record(self) -> dict[str, str]:
+        """Its fields as JSON-able data (`pipelines.engine.setup_error` carries them to the driver)."""
+        return {"stage": self.stage, "cause": self.cause_repr}
+
+    @classmethod
+    def from_record(cls, record: dict[str, str]) -> StageSetupError:
+        """The error `to_record` describes, with the same message (the subclass, if any, is not kept)."""
+        return _rebuild_setup_error(str(record["stage"]), str(record["cause"]))
+
 
 def _rebuild_setup_error(stage: str, cause_repr: str) -> StageSetupError:
     err = StageSetupError.__new__(StageSetupError)

@@ -7,11 +7,11 @@ segment (runs of CPU stages fused into one DoFn; each model stage its own DoFn, 
 shared chunk runner. Shards are written by the workers, so the output bytes equal the other executors'.
 
 Runners:
-- default (no `--runner` in `beam_options`, or DirectRunner): `FnApiRunner` in this process's control,
+- default (no `--runner` in `BeamOptions.args`, or DirectRunner): `FnApiRunner` in this process's control,
   never the Prism download that DirectRunner tries first (docs/formats.md, "Environment notes"). With more than one worker it
   uses `direct_running_mode=multi_processing` (Python SDK worker subprocesses: the GIL is not shared);
   with one worker it runs in-process.
-- any other runner (FlinkRunner, SparkRunner, DataflowRunner, PortableRunner): `beam_options` pass
+- any other runner (FlinkRunner, SparkRunner, DataflowRunner, PortableRunner): `BeamOptions.args` pass
   through unchanged (e.g. `--runner=FlinkRunner --flink_master=host:8081 --environment_type=DOCKER`).
   The workers need this package installed and the build directory on a filesystem they all see.
 
@@ -38,8 +38,9 @@ from apache_beam.options.pipeline_options import (
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from pipelines.engine import progress as progress_mod
-from pipelines.engine import reaper
+from pipelines.engine import reaper, setup_error
 from pipelines.engine.chunk import load_state, run_stage, segments, write_chunk
+from pipelines.engine.options import ExecutorOptions
 from pipelines.engine.plan import BuildPlan
 from pipelines.engine.progress import Progress
 from pipelines.engine.stage import Stage
@@ -58,8 +59,9 @@ class SegmentDoFn(beam.DoFn):
         self.progress_token = progress_token
 
     def setup(self) -> None:
-        for s in self.stages:
-            s.ensure_setup()
+        with setup_error.reported(self.build_dir):
+            for s in self.stages:
+                s.ensure_setup()
 
     def _report(self, stage: str, n: int) -> None:
         progress_mod.report(self.progress_token, stage, n)
@@ -67,8 +69,9 @@ class SegmentDoFn(beam.DoFn):
     def process(self, element: tuple[int, bytes]) -> Iterator[Any]:
         index, blob = element
         state = load_state(blob)  # the first DoFn gets the plan's Chunk, later ones a ChunkState
-        for s in self.stages:
-            run_stage(s, state, self.build_dir, self._report)
+        with setup_error.reported(self.build_dir):  # a model that fails for good stops the run too
+            for s in self.stages:
+                run_stage(s, state, self.build_dir, self._report)
         if self.write:
             write_chunk(state, self.build_dir)
             progress_mod.report_shard(self.progress_token)
@@ -99,14 +102,15 @@ def pipeline_options(beam_options: Sequence[str], workers: int | None, n_chunks:
     return opts, local
 
 
-def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | None = None,
-            progress_token: str | None = None, workers: int | None = None, beam_options: Sequence[str] = (),
-            **_ignored: Any) -> list[int]:
-    """Run the plan's to-do chunks as a Beam pipeline; returns the indices this run wrote."""
+def execute(stages: Sequence[Stage], plan: BuildPlan, options: ExecutorOptions, *,
+            progress: Progress | None = None, progress_token: str | None = None) -> list[int]:
+    """Run the plan's to-do chunks as a Beam pipeline; returns the indices this run wrote.
+
+    Reads `options.workers` and `options.beam` (the pipeline options)."""
     from shards.layout import is_done
 
     todo = list(plan.todo)
-    opts, local = pipeline_options(beam_options, workers, len(todo))
+    opts, local = pipeline_options(options.beam.args, options.workers, len(todo))
     in_process = local and opts.view_as(DirectOptions).direct_running_mode == "in_memory"
     build_dir = str(plan.build_dir)
     token = progress_token if in_process else None

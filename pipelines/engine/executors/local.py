@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Sequence
-from typing import Any
 
 from pipelines.engine.chunk import run_chunk
+from pipelines.engine.options import ExecutorOptions
 from pipelines.engine.plan import BuildPlan
 from pipelines.engine.progress import Progress
 from pipelines.engine.stage import Stage
 
 
-def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | None = None,
-            **_ignored: Any) -> list[int]:
-    """Run the plan's to-do chunks in order; returns their indices. `workers` etc. are ignored."""
+def execute(stages: Sequence[Stage], plan: BuildPlan, options: ExecutorOptions, *,
+            progress: Progress | None = None, progress_token: str | None = None) -> list[int]:
+    """Run the plan's to-do chunks in order; returns their indices. `options` are not read."""
     local = [pickle.loads(pickle.dumps(s)) for s in stages]
     for s in local:  # setup failures stop the run before any chunk is touched
         s.ensure_setup()

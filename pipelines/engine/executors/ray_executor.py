@@ -26,7 +26,7 @@ No deadlock on small machines: actors hold their CPUs for the whole run, so acto
 are scaled down to fractions such that the actor pools plus at least one task always fit in the
 cluster's CPUs (docs/formats.md, "Environment notes": 2 actors with 1 CPU each starve the read step forever on 2 cores).
 
-Cluster: `ray_address` (or RAY_ADDRESS) joins an existing cluster; otherwise `ray.init()` starts an
+Cluster: `RayOptions.address` (or RAY_ADDRESS) joins an existing cluster; otherwise `ray.init()` starts an
 embedded local Ray and shuts it down at the end. Workers write the shards themselves, so on a cluster
 the build directory must be a path every node sees (shared filesystem).
 
@@ -45,8 +45,9 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from pipelines.engine import reaper
+from pipelines.engine import reaper, setup_error
 from pipelines.engine.chunk import ChunkState, Segment, load_state, run_stage, segments, write_chunk
+from pipelines.engine.options import ExecutorOptions
 from pipelines.engine.plan import BuildPlan
 from pipelines.engine.progress import Progress
 from pipelines.engine.run import BuildError
@@ -114,8 +115,9 @@ class _SegmentFn:
     def __call__(self, table: pa.Table) -> pa.Table:
         out = []
         for index, state in _rows(table):
-            for s in self.stages:
-                run_stage(s, state, self.build_dir, self.report)
+            with setup_error.reported(self.build_dir):
+                for s in self.stages:
+                    run_stage(s, state, self.build_dir, self.report)
             if self.write:
                 write_chunk(state, self.build_dir)
                 if self.progress_actor is not None:
@@ -131,16 +133,17 @@ class _ActorSegment(_SegmentFn):
 
     def __init__(self, stages: list[Stage], build_dir: str, write: bool, progress_actor: Any):
         super().__init__(stages, build_dir, write, progress_actor)
-        self.setup_error: BaseException | None = None
+        self.failed_setup: BaseException | None = None
         try:
             for s in self.stages:
                 s.ensure_setup()
         except Exception as exc:  # noqa: BLE001 - re-raised from __call__ as a task error with its message
-            self.setup_error = exc
+            self.failed_setup = exc
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if self.setup_error is not None:
-            raise self.setup_error
+        if self.failed_setup is not None:
+            with setup_error.reported(self.build_dir):
+                raise self.failed_setup
         return super().__call__(table)
 
 
@@ -170,8 +173,9 @@ def _chunk_task(token: str, stages_ref: list[Any], build_dir: str, chunk_blob: b
     stages = _worker_stages(token, stages_ref)
     state = load_state(chunk_blob)
     report = _reporter(progress_actor)
-    for s in stages:
-        run_stage(s, state, build_dir, report)
+    with setup_error.reported(build_dir):
+        for s in stages:
+            run_stage(s, state, build_dir, report)
     write_chunk(state, build_dir)
     if progress_actor is not None:
         progress_actor.shard_done.remote()
@@ -333,31 +337,33 @@ def resource_plan(stages: Sequence[Stage], n_chunks: int, cpus: float, gpus: flo
     return out
 
 
-def execute(stages: Sequence[Stage], plan: BuildPlan, *, progress: Progress | None = None, workers: int | None = None,
-            ray_address: str | None = None, num_gpus: float | None = None, **_ignored: Any) -> list[int]:
+def execute(stages: Sequence[Stage], plan: BuildPlan, options: ExecutorOptions, *,
+            progress: Progress | None = None, progress_token: str | None = None) -> list[int]:
     """Run the plan's to-do chunks on Ray; returns the indices written by this run.
 
-    Plain tasks when no stage needs an actor pool (`_run_tasks`), else the Ray Data pipeline.
+    Plain tasks when no stage needs an actor pool (`_run_tasks`), else the Ray Data pipeline. Reads
+    `options.workers` and `options.ray` (cluster address, GPUs per model actor).
     """
     guard = ExitStack()
     with guard:
-        return _execute(stages, plan, guard, progress=progress, workers=workers, ray_address=ray_address,
-                        num_gpus=num_gpus)
+        return _execute(stages, plan, guard, options, progress=progress)
 
 
-def _execute(stages: Sequence[Stage], plan: BuildPlan, guard: ExitStack, *, progress: Progress | None,
-             workers: int | None, ray_address: str | None, num_gpus: float | None) -> list[int]:
+def _execute(stages: Sequence[Stage], plan: BuildPlan, guard: ExitStack, options: ExecutorOptions, *,
+             progress: Progress | None) -> list[int]:
+    workers = options.workers
     prestarted, warm, pre_guard = _take_prestarted()
     if pre_guard is not None:  # the reaper of a Ray that `prestart` started: ours to close from now on
         guard.enter_context(pre_guard)
-    started = _init_ray(ray_address, guard) or prestarted
+    started = _init_ray(options.ray.address, guard) or prestarted
     stop = threading.Event()
     poller = None
     try:
         res = ray.cluster_resources()
         cpus = float(res.get("CPU", 1.0))
         todo = list(plan.todo)
-        rplan = resource_plan(stages, len(todo), cpus, float(res.get("GPU", 0.0)), workers, num_gpus)
+        rplan = resource_plan(stages, len(todo), cpus, float(res.get("GPU", 0.0)), workers,
+                              options.ray.num_gpus)
         pactor = _ProgressActor.remote() if progress is not None and progress.enabled else None
         if pactor is not None and progress is not None:
             def poll() -> None:
