@@ -359,7 +359,6 @@ def build_tiny_florence2(out_dir: str | Path, seed: int = 0, image_size: int = 6
     real processor, generate and post-processing code.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         CLIPImageProcessor,
         Florence2Config,
@@ -368,11 +367,10 @@ def build_tiny_florence2(out_dir: str | Path, seed: int = 0, image_size: int = 6
         RobertaTokenizer,
     )
 
+    from annotators.tiny import train_byte_bpe
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
     corpus = [
         "a red cup on the table",
         "the chair left of the lamp",
@@ -381,20 +379,8 @@ def build_tiny_florence2(out_dir: str | Path, seed: int = 0, image_size: int = 6
         "what does the image describe?",
         "box bottle mug laptop sofa shelf",
     ]
-    bpe.train_from_iterator(
-        corpus * 20,
-        trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],  # BART ids 0..4
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    m = json.loads(bpe.to_str())["model"]
-    tok = RobertaTokenizer(
-        vocab=m["vocab"],
-        merges=[tuple(x) for x in m["merges"]],
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    vocab, merges = train_byte_bpe(corpus, 400, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # BART ids 0..4
+    tok = RobertaTokenizer(vocab=vocab, merges=merges, extra_special_tokens={"image_token": "<image>"})
     tok.add_special_tokens(
         {
             "extra_special_tokens": ["<od>", "</od>", "<ocr>", "</ocr>", "<poly>", "</poly>", "<sep>"]

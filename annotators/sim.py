@@ -48,7 +48,7 @@ import numpy as np
 from annotators.common import Candidate, MentionLike, mention_text
 from annotators.oracle import GroundTruthMention, OracleVerifier, _GroundTruth, box_iou
 from annotators.parsing import ModelOutputError
-from annotators.vlm import Rewrite, RewriteRequest, Verdict, VerifyRequest
+from annotators.vlm import Rewrite, Verdict
 
 __all__ = ["SIM_VERSION", "SIM_RATES", "SimRates", "SimTagger", "SimVerifier", "TaggerDraw", "perturb_box"]
 
@@ -324,14 +324,4 @@ class SimVerifier(OracleVerifier):
             return Rewrite(text, json.dumps({"description": text, "injected": "ambiguous"}), SIM_VERSION)
         return Rewrite(good.text, json.dumps({"description": good.text, "injected": None}), SIM_VERSION)
 
-    def verify_many(self, requests: Sequence[VerifyRequest]) -> list[Verdict | ModelOutputError]:
-        return [self.verify(r.image, r.mention, r.candidates) for r in requests]
-
-    def rewrite_many(self, requests: Sequence[RewriteRequest]) -> list[Rewrite | ModelOutputError]:
-        out: list[Rewrite | ModelOutputError] = []
-        for r in requests:
-            try:
-                out.append(self.rewrite(r.image, r.mention, r.box, r.others))
-            except ModelOutputError as exc:
-                out.append(exc)
-        return out
+    # verify_many / rewrite_many: OracleVerifier's, which call these verify / rewrite per request.

@@ -21,22 +21,14 @@ _TINY_CORPUS = [
 
 
 def _tiny_tokenizer(special: list[str], image_tokens: dict[str, str]) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        _TINY_CORPUS * 20,
-        trainers.BpeTrainer(
-            vocab_size=500, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    m = json.loads(bpe.to_str())["model"]
+    from annotators.tiny import train_byte_bpe
+
+    vocab, merges = train_byte_bpe(_TINY_CORPUS, 500, special)
     tok = Qwen2Tokenizer(
-        vocab=m["vocab"],
-        merges=[tuple(x) for x in m["merges"]],
+        vocab=vocab,
+        merges=merges,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
@@ -44,6 +36,23 @@ def _tiny_tokenizer(special: list[str], image_tokens: dict[str, str]) -> Any:
     )
     tok.add_special_tokens({"extra_special_tokens": special}, replace_extra_special_tokens=False)
     return tok
+
+
+def _tiny_text_config(tok: Any, **extra: Any) -> dict[str, Any]:
+    """The Qwen2-style text decoder both tiny architectures share: 1 layer, width 32, 2 heads."""
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **extra,
+    )
 
 
 def build_tiny_vlm(out_dir: str | Path, arch: str = "llava", seed: int = 0) -> Path:
@@ -87,19 +96,7 @@ def build_tiny_vlm(out_dir: str | Path, arch: str = "llava", seed: int = 0) -> P
                 patch_size=14,
                 projection_dim=32,
             ),
-            text_config=dict(
-                model_type="qwen2",
-                vocab_size=len(tok),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                max_position_embeddings=1024,
-                bos_token_id=None,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            ),
+            text_config=_tiny_text_config(tok, model_type="qwen2"),
             image_token_id=tok.convert_tokens_to_ids("<image>"),
             vision_feature_select_strategy="default",
             vision_feature_layer=-1,
@@ -134,18 +131,8 @@ def build_tiny_vlm(out_dir: str | Path, arch: str = "llava", seed: int = 0) -> P
             size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
         )
         cfg = hf.Qwen2_5_VLConfig(
-            text_config=dict(
-                vocab_size=len(tok),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                max_position_embeddings=1024,
-                bos_token_id=None,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            text_config=_tiny_text_config(
+                tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
             ),
             vision_config=dict(
                 depth=1,
