@@ -22,6 +22,7 @@ from pipelines.engine.run import run_build
 from pipelines.engine.stage import StageSetupError
 from schemas.grammar import REGION, check_regions, find_grounded, format_bbox2d
 from schemas.records import validate
+from shards.layout import stats_path
 from shards.reader import iter_samples
 from tests.test_executors_toy import compared_files
 
@@ -104,6 +105,25 @@ def test_oracle_build_matches_ground_truth_and_is_identical_on_local_ray_beam(
     asg = pq.read_table(inter / "assign").to_pylist()
     assert {r["decision"] for r in asg} == {"grounded"} and {r["sample_decision"] for r in asg} == {"kept"}
     assert len(asg) == len(ver) == len(tag)  # one candidate per mention from the oracle
+
+
+def test_redone_chunk_rebuilds_every_persisted_stage_from_its_intermediate(tmp_path: Path, sample_world) -> None:
+    """A chunk redone after a crash takes tag, verify, assign and rewrite from their intermediate files
+    (each stage's `from_rows`), and its shard is byte-identical; the sim annotators give rejected samples,
+    dropped mentions and rewrites, so every branch of the row formats is read back."""
+    out = tmp_path / "b"
+    b = make_cot_builder(CotConfig(FILES, sample_world.root, out=out, tagger="sim", verifier="sim", noise_scale=0.7,
+                                   sim_seed=3))
+    res = run_build(b, out, BuildOptions.on("local", chunk_size=4, show_progress=False))
+    assert res.manifest["totals"]["n_rejected"] > 0 and res.manifest["totals"]["n_samples"] > 0
+    first = compared_files(out)
+    for i in (0, 1, 2):
+        stats_path(out, i).unlink()  # written last: the chunks count as not done, their intermediates stay
+    res = run_build(b, out, BuildOptions.on("local", chunk_size=4, show_progress=False))
+    assert res.processed == [0, 1, 2] and compared_files(out) == first
+    for i in (0, 1, 2):
+        reused = json.loads(stats_path(out, i).read_text())["timing"]["reused_intermediate"]
+        assert reused == ["tag", "verify", "assign", "rewrite"], reused
 
 
 def test_cli_verifier_none_keeps_the_tagger_boxes(tmp_path: Path, sample_world, capsys) -> None:

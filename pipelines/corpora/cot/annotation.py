@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.corpora.cot.common import ModelUnavailable
+from pipelines.corpora.cot.common import ModelUnavailable, RowsPerSample
 from pipelines.engine.stage import Resources, Stage
 
 
@@ -50,7 +50,7 @@ def _gpus_for(local_model: bool, device: str) -> float:
     return 1.0 if Path("/dev/nvidia0").exists() else 0.0  # auto: a cheap look, no torch import here
 
 
-class _ModelStage(Stage):
+class _ModelStage(RowsPerSample, Stage):
     """Shared plumbing of tag / verify / rewrite: annotator built in setup, declared resources."""
 
     persist_intermediate = True

@@ -44,12 +44,28 @@ REJECT_REASONS: dict[str, str] = {
 }
 
 
-def _rows_by_key_and_mention(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
-    """Intermediate Parquet rows (one per mention) regrouped as key -> mention index -> row."""
-    by_key: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in rows:
-        by_key.setdefault(r["key"], {})[r["mention_index"]] = r
-    return by_key
+Row = dict[str, Any]
+
+
+class RowsPerSample:
+    """`Stage.from_rows` of the cot stages, whose intermediate rows belong to one sample each (a mixin,
+    before `Stage`): the rows are grouped by key (in file order) and each input that has rows is rebuilt
+    by the stage's `sample_from_rows(input, its rows)`, in input order. An input without rows had no
+    output (the executor restores its reject)."""
+
+    def sample_from_rows(self, it: Item, rows: list[Row]) -> Item:
+        raise NotImplementedError
+
+    def from_rows(self, inputs: list[Item], rows: list[Row]) -> list[Item]:
+        by_key: dict[str, list[Row]] = {}
+        for r in rows:
+            by_key.setdefault(r["key"], []).append(r)
+        return [self.sample_from_rows(it, by_key[it["key"]]) for it in inputs if it["key"] in by_key]
+
+
+def by_mention(rows: list[Row]) -> dict[int, Row]:
+    """One sample's intermediate rows (one per mention) by mention index."""
+    return {r["mention_index"]: r for r in rows}
 
 
 class ModelUnavailable(StageSetupError):

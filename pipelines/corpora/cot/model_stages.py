@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from pipelines.corpora.cot.annotation import AnnotatorSpec, _ModelStage
-from pipelines.corpora.cot.common import _load_rgb, _mention_of, _rows_by_key_and_mention
+from pipelines.corpora.cot.common import Row, _load_rgb, _mention_of, by_mention
 from pipelines.corpora.cot.text import _norm_box, _truncate
 from pipelines.engine.stage import Item, Reject, StageSetupError
 from schemas.boxes import box_iou
@@ -92,22 +92,14 @@ class TagStage(_ModelStage):
                                  "source": c["source"], "score": c["score"], "note": c.get("note")})
         return rows
 
-    def from_rows(self, inputs: list[Item], rows: list[dict[str, Any]]) -> list[Item]:
-        by_key: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            by_key.setdefault(r["key"], []).append(r)
-        out = []
-        for it in inputs:
-            if it["key"] not in by_key:
-                continue
-            per: list[list[dict[str, Any]]] = [[] for _ in it["entities"]]
-            for r in sorted(by_key[it["key"]], key=lambda r: (r["mention_index"], r["candidate_index"] or 0)):
-                if r["candidate_index"] is not None:
-                    per[r["mention_index"]].append({"label": r["label"], "box_px": [float(v) for v in r["box_px"]],
-                                                    "source": r["source"], "score": r["score"],
-                                                    "note": r.get("note")})
-            out.append({**it, "candidates": per})
-        return out
+    @staticmethod
+    def sample_from_rows(it: Item, rows: list[Row]) -> Item:
+        per: list[list[dict[str, Any]]] = [[] for _ in it["entities"]]
+        for r in sorted(rows, key=lambda r: (r["mention_index"], r["candidate_index"] or 0)):
+            if r["candidate_index"] is not None:
+                per[r["mention_index"]].append({"label": r["label"], "box_px": [float(v) for v in r["box_px"]],
+                                                "source": r["source"], "score": r["score"], "note": r.get("note")})
+        return {**it, "candidates": per}
 
 
 class VerifyStage(_ModelStage):
@@ -141,9 +133,7 @@ class VerifyStage(_ModelStage):
                 where.append((b, i))
         try:
             results = self.annotator.verify_many(requests) if requests else []
-        except VLMTransportError as exc:
-            raise self._unavailable(exc) from exc
-        except (OSError, ImportError) as exc:
+        except (VLMTransportError, OSError, ImportError) as exc:  # an endpoint down for good, a model that cannot load
             raise self._unavailable(exc) from exc
         verdicts: list[list[dict[str, Any]]] = [
             [{"choice": None, "confidence": None, "raw": None, "attempts": None, "error": None,
@@ -189,22 +179,17 @@ class VerifyStage(_ModelStage):
                 })
         return rows
 
-    def from_rows(self, inputs: list[Item], rows: list[dict[str, Any]]) -> list[Item]:
-        by_key = _rows_by_key_and_mention(rows)
-        out = []
-        for it in inputs:
-            got = by_key.get(it["key"])
-            if got is None:
-                continue
-            vs = []
-            for i in range(len(it["entities"])):
-                r = got[i]
-                vs.append({"choice": r["choice"], "confidence": r["confidence"], "raw": r["raw_text"],
-                           "attempts": None if r["attempts"] is None else json.loads(r["attempts"]),
-                           "error": r["parse_error"], "decision": r["decision"], "reason": r["reason"],
-                           "prompt_version": r["prompt_version"]})
-            out.append({**it, "verdicts": vs})
-        return out
+    @staticmethod
+    def sample_from_rows(it: Item, rows: list[Row]) -> Item:
+        got = by_mention(rows)
+        vs = []
+        for i in range(len(it["entities"])):
+            r = got[i]
+            vs.append({"choice": r["choice"], "confidence": r["confidence"], "raw": r["raw_text"],
+                       "attempts": None if r["attempts"] is None else json.loads(r["attempts"]),
+                       "error": r["parse_error"], "decision": r["decision"], "reason": r["reason"],
+                       "prompt_version": r["prompt_version"]})
+        return {**it, "verdicts": vs}
 
 
 class RewriteStage(_ModelStage):
@@ -266,9 +251,7 @@ class RewriteStage(_ModelStage):
                 where.append((b, i, others))
         try:
             results = self.annotator.rewrite_many(requests) if requests else []
-        except VLMTransportError as exc:
-            raise self._unavailable(exc) from exc
-        except (OSError, ImportError) as exc:
+        except (VLMTransportError, OSError, ImportError) as exc:  # an endpoint down for good, a model that cannot load
             raise self._unavailable(exc) from exc
         out = []
         failures: dict[int, dict[str, str]] = {}
@@ -309,20 +292,12 @@ class RewriteStage(_ModelStage):
                              "failure": json.dumps(it["failure"]) if it["failure"] else None})
         return rows
 
-    def from_rows(self, inputs: list[Item], rows: list[dict[str, Any]]) -> list[Item]:
-        by_key: dict[str, list[dict[str, Any]]] = {}
+    @staticmethod
+    def sample_from_rows(it: Item, rows: list[Row]) -> Item:
+        rewrites: list[dict[str, Any] | None] = [None] * len(it["entities"])
         for r in rows:
-            by_key.setdefault(r["key"], []).append(r)
-        out = []
-        for it in inputs:
-            got = by_key.get(it["key"])
-            if got is None:
-                continue
-            rewrites: list[dict[str, Any] | None] = [None] * len(it["entities"])
-            for r in got:
-                if r["mention_index"] is not None:
-                    rewrites[r["mention_index"]] = {"text": r["rewritten"], "raw": r["raw_text"],
-                                                    "error": r["parse_error"], "others": json.loads(r["others_px"])}
-            failure = json.loads(got[0]["failure"]) if got[0]["failure"] else None
-            out.append({**it, "rewrites": rewrites, "failure": failure})
-        return out
+            if r["mention_index"] is not None:
+                rewrites[r["mention_index"]] = {"text": r["rewritten"], "raw": r["raw_text"],
+                                                "error": r["parse_error"], "others": json.loads(r["others_px"])}
+        failure = json.loads(rows[0]["failure"]) if rows[0]["failure"] else None
+        return {**it, "rewrites": rewrites, "failure": failure}

@@ -12,7 +12,9 @@ from pipelines.corpora.cot.common import (
     DEFAULT_MAX_TURN_CHARS,
     GRAMMAR_TOKENS,
     TASK,
-    _rows_by_key_and_mention,
+    Row,
+    RowsPerSample,
+    by_mention,
 )
 from pipelines.corpora.cot.text import _clean_human, _norm_box, _truncate, compose_turn, find_point_lists
 from pipelines.engine.stage import Item, Reject, Resources, Stage
@@ -120,7 +122,7 @@ class ReadStage(Stage):
         return out, rejects
 
 
-class AssignStage(Stage):
+class AssignStage(RowsPerSample, Stage):
     """One-to-one mention <-> box (`assign_boxes`) and the sample's verdict; never rejects itself.
 
     A failed sample travels on with `failure` set (Compose turns it into the reject row), so its
@@ -179,24 +181,19 @@ class AssignStage(Stage):
                 })
         return rows
 
-    def from_rows(self, inputs: list[Item], rows: list[dict[str, Any]]) -> list[Item]:
-        by_key = _rows_by_key_and_mention(rows)
-        out = []
-        for it in inputs:
-            got = by_key.get(it["key"])
-            if got is None:
-                continue
-            assigned = [{k: got[i][k] for k in ("decision", "box_px", "score", "source", "reason", "box_norm")}
-                        for i in range(len(it["entities"]))]
-            for a in assigned:
-                for k in ("box_px", "box_norm"):
-                    if a[k] is not None:
-                        a[k] = [float(v) for v in a[k]]
-            r0 = got[0]
-            failure = ({"reason": r0["sample_reason"], "message": r0["sample_message"]}
-                       if r0["sample_decision"] == "rejected" else None)
-            out.append({**it, "assigned": assigned, "failure": failure})
-        return out
+    @staticmethod
+    def sample_from_rows(it: Item, rows: list[Row]) -> Item:
+        got = by_mention(rows)
+        assigned = [{k: got[i][k] for k in ("decision", "box_px", "score", "source", "reason", "box_norm")}
+                    for i in range(len(it["entities"]))]
+        for a in assigned:
+            for k in ("box_px", "box_norm"):
+                if a[k] is not None:
+                    a[k] = [float(v) for v in a[k]]
+        r0 = got[0]
+        failure = ({"reason": r0["sample_reason"], "message": r0["sample_message"]}
+                   if r0["sample_decision"] == "rejected" else None)
+        return {**it, "assigned": assigned, "failure": failure}
 
 
 class ComposeStage(Stage):
