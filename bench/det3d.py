@@ -31,18 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def _compared(build_dir: Path) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    for p in sorted((build_dir / "shards").iterdir()):
-        data = p.read_bytes()
-        if p.name.endswith(".stats.json"):
-            d = json.loads(data)
-            d.pop("timing", None)
-            data = json.dumps(d, sort_keys=True).encode()
-        out[p.name] = data
-    out["manifest.json"] = (build_dir / "manifest.json").read_bytes()
-    return out
+from tests.test_executors_toy import compared_files  # what must be byte-identical, written once
 
 
 def _tree_cpu() -> dict[int, float]:
@@ -160,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     sw.validate_record = saved
                 assert res.manifest["totals"]["n_samples"] == n, res.manifest["totals"]
-                outputs[ex] = _compared(out)
+                outputs[ex] = compared_files(out)
                 cores = 1 if real == "local" else min(args.workers, os.cpu_count() or 1)
                 row = {"wall": wall, "cpu": cpu, "rate": n / wall, "per_core": n / wall / cores,
                        "cpu_rate": n / cpu, "split": _split(out, n), "cores": cores}

@@ -29,19 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def _compared(build_dir: Path) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    for p in sorted((build_dir / "shards").iterdir()):
-        data = p.read_bytes()
-        if p.name.endswith(".stats.json"):
-            d = json.loads(data)
-            d.pop("timing", None)
-            data = json.dumps(d, sort_keys=True).encode()
-        out[p.name] = data
-    out["manifest.json"] = (build_dir / "manifest.json").read_bytes()
-    out["plan.json"] = (build_dir / "plan.json").read_bytes()
-    return out
+from tests.test_executors_toy import compared_files  # what must be byte-identical, written once
 
 
 def run_once(tree: str, args: list[str]) -> tuple[float, float, float, str]:
@@ -128,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                     wall, cpu, rss, stdout = run_once(tree, cli)
                     rows.setdefault((name, ex), []).append((wall, cpu, rss))
                     if ex != "dry-run":
-                        got = _compared(out)
+                        got = compared_files(out, with_plan=True)
                         if ref is None:
                             ref = got
                             n = json.loads((out / "manifest.json").read_text())["totals"]["n_input"]

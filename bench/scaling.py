@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.det3d_big import _compared
+from tests.test_executors_toy import compared_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_dir = tmp / "local"
         subprocess.run([sys.executable, "-m", "pipelines.cli", *common, "--out", str(ref_dir), "--executor", "local"],
                        check=True, env=cluster_env(), capture_output=True)
-        ref = _compared(ref_dir)
+        ref = compared_files(ref_dir, with_plan=True)
         n = json.loads((ref_dir / "manifest.json").read_text())["totals"]["n_input"]
         local_s = json.loads((ref_dir / "run.json").read_text())["seconds"]
         print(f"inputs {n}; local reference build {local_s:.1f} s; loadavg {os.getloadavg()[0]:.2f}", flush=True)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                     pid = json.loads(st.read_text())["timing"]["pid"]
                     per_node[c.node_of_pid(pid) or "?"] += 1
                 run_s = json.loads((out / "run.json").read_text())["seconds"]
-                same = _compared(out) == ref
+                same = compared_files(out, with_plan=True) == ref
             rows.append((nn, cpn, up, wall, run_s, dict(per_node), same, load))
             print(f"{nn} node(s) x {cpn} CPU: start {up:.1f} s, driver wall {wall:.1f} s (run.json {run_s:.1f} s), "
                   f"shards per node {dict(per_node)}, output {'identical' if same else 'DIFFERENT'}, "

@@ -13,23 +13,9 @@ from pipelines.corpora.det3d.builder import Det3dBuildConfig, make_builder
 from pipelines.engine.options import BuildOptions
 from pipelines.engine.run import run_build
 from shards.verify import verify_build
+from tests.test_executors_toy import compared_files
 
 CHUNK = 4
-
-
-def _compared(build_dir: Path) -> dict[str, bytes]:
-    """Shard tars, per-shard and merged Parquet, stats without their `timing`, and manifest.json."""
-    out: dict[str, bytes] = {}
-    for p in sorted((build_dir / "shards").iterdir()):
-        data = p.read_bytes()
-        if p.name.endswith(".stats.json"):
-            d = json.loads(data)
-            d.pop("timing", None)
-            data = json.dumps(d, sort_keys=True).encode()
-        out[f"shards/{p.name}"] = data
-    for name in ("manifest.json", "index.parquet", "rejects.parquet"):
-        out[name] = (build_dir / name).read_bytes()
-    return out
 
 
 @pytest.mark.ray
@@ -44,7 +30,7 @@ def test_ray_beam_and_local_write_identical_det3d_shards(sample_world: Any, tmp_
         assert n == 2 * sample_world.manifest["counts"]["views"] and res.processed == list(range(-(-n // CHUNK)))
         assert res.manifest["totals"]["n_samples"] == n
         assert not [str(p) for p in verify_build(out)], name
-        got[name] = _compared(out)
+        got[name] = compared_files(out)
     ref = got["local"]
     assert sum(k.endswith(".tar") for k in ref) == 3
     for name in ("ray", "beam"):

@@ -183,8 +183,9 @@ def _make(args: Any) -> Builder:
 register_builder("toy", _make, help="toy builder of the execution-core tests", add_arguments=_add_arguments)
 
 
-def compared_files(build_dir: Path) -> dict[str, bytes]:
-    """Everything that must be byte-identical across executors/interruptions: shards, parquet, manifest.
+def compared_files(build_dir: Path, *, with_plan: bool = False) -> dict[str, bytes]:
+    """Everything that must be byte-identical across executors/interruptions: shards, parquet, manifest
+    (and plan.json with `with_plan`). The tests and the benchmarks (bench/) compare builds with this.
 
     Stats files are compared without their `timing` entry (the only run-dependent part), the manifest
     without its code version.
@@ -206,6 +207,8 @@ def compared_files(build_dir: Path) -> dict[str, bytes]:
     manifest = (build_dir / "manifest.json").read_bytes()
     version = json.loads(manifest)["code_version"]
     out["manifest.json"] = manifest.replace(json.dumps(version).encode(), b'"<code_version>"', 1)
+    if with_plan:
+        out["plan.json"] = (build_dir / "plan.json").read_bytes()
     return out
 
 
