@@ -229,7 +229,6 @@ def _plan_and_run(builder: Builder, build_dir: Path, options: BuildOptions, inpu
                 result.processed = sorted(execute(list(builder.stages), plan, options.executor, progress=prog,
                                                   progress_token=token))
             except interrupt.Interrupted as exc:
-                setup_error.clear(build_dir)
                 raise _interrupted(exc, plan, prog) from None
             except Exception as exc:
                 # A worker's setup failure comes back wrapped (or as text): the worker recorded it for us.
@@ -238,6 +237,8 @@ def _plan_and_run(builder: Builder, build_dir: Path, options: BuildOptions, inpu
                 if err is not None:
                     raise err from exc
                 raise
+            finally:
+                setup_error.clear(build_dir)  # whatever happened, no record outlives the run
             prog.close()
     finally:
         progress_mod.unregister(token)
