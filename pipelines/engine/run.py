@@ -1,8 +1,9 @@
 """Executors: run a builder's stages over its plan, chunk by chunk, and finalize the build.
 
 `run_build(builder, out_dir, options)` is the one entry point (`options`: `engine.options.BuildOptions`).
-It lists and plans the inputs (`pipelines.engine.plan`), hands the to-do chunks to an executor, checks every chunk ended done, then calls
-`shards.manifest.finalize` and writes `run.json` (timings, executor, which chunks this run processed).
+It lists and plans the inputs (`pipelines.engine.plan`), hands the to-do chunks to an executor, checks
+every chunk ended done, then calls `shards.manifest.finalize` and writes `run.json` (timings, executor,
+which chunks this run processed).
 
 - `local`: the plain in-process loop (the reference, and the benchmark baseline).
 - `ray` (default): plain Ray tasks per chunk (Ray Data when a stage needs an actor pool); embedded local
