@@ -2,7 +2,7 @@
 
 Both sides run the same tiny random-weight models on CPU (a native Florence-2 and a LLaVA-style chat VLM
 built offline), with the same decoding settings and the same batching:
-- `pipeline`: `run_build(make_cot_builder(CotConfig(...)), executor="local")` from the RefSpatial JSON to finished
+- `pipeline`: `run_build(make_cot_builder(CotConfig(...)), out, BuildOptions.on("local"))` from the RefSpatial JSON to finished
   shards: reading and checking records, mention extraction, image decoding in every model stage, the
   Florence-2 tag stage, the VLM verify stage, the Hungarian assignment, composing, the response cache
   (a fresh sqlite file per run), the intermediate Parquet of every stage, shards, manifest.

@@ -9,7 +9,7 @@
    - `ours_m`: `backproject` alone on float32 metres;
    - `geometry.backproject_depth`: the shared float64 reference (N x 5), for scale.
    Timed interleaved (`--repeat` rounds of `--inner` calls each); the median round counts.
-2. End to end: `run_build(..., "local")` (one process, so per core) over `--n` inputs that cycle through
+2. End to end: `run_build(..., BuildOptions.on("local"))` (one process, so per core) over `--n` inputs that cycle through
    the world's frames under distinct keys: PNG/NPY decode, sampling, back-projection, record and text,
    schema validation, tar + Parquet writing, manifest. Rates are given per wall second and per CPU second
    of the process (the box is shared; CPU time is what "per core" means when others load it).
