@@ -140,6 +140,7 @@ def test_measured_ambiguity_equals_the_injected_share(noisy_build: Path, report:
     truth = injected_ambiguity(noisy_build)
     assert a["n"] == truth["n"] > 10 and a["n_unmatched"] == 0
     assert truth["category"] > 0 and truth["other_colour"] > 0  # both forms were injected
+    assert a["n_confusable"] >= truth["category"] + truth["other_colour"]  # only where another such object is seen
     lo, hi = a["ambiguous_ci"]
     assert lo <= truth["category"] / truth["n"] <= hi
     lo, hi = a["not_unique_ci"]

@@ -16,7 +16,9 @@ visible pixels), as the sample world's descriptions are built:
   one extreme object (by the visible box) among those left.
 Other words (relations such as "on the table") are not read: on real descriptions this resolver can
 only over-count ambiguity. Outcome: `unique` (matches exactly the true object), `ambiguous` (matches
-more than one visible object), `misdescribed` (matches one other object, or none).
+more than one visible object), `misdescribed` (matches one other object, or none). `n_confusable`
+counts the mentions whose object shares its category with another visible object: only those can be
+ambiguous by the category alone (and only those can get a simulated ambiguous rewrite).
 
 Per noise source: `rewriter` (descriptions the rewriter wrote) and `source_text` (the record's words
 kept). On a simulated build the rewrite intermediate's raw answers say what the rewriter injected
@@ -142,13 +144,16 @@ def description_ambiguity(b: BuildData, rows: Sequence[Mapping[str, Any]]) -> di
     by_source: dict[str, Counter[str]] = defaultdict(Counter)
     by_injection: dict[str, Counter[str]] = defaultdict(Counter)
     examples: list[dict[str, Any]] = []
-    unmatched = 0
+    unmatched = confusable = 0
     for r in rows:
         g = gt_rows[r["gt_row"]] if r.get("gt_row") is not None else None
         vis = views.get(str(g.get("view_id"))) if g is not None else None
         if g is None or vis is None:
             unmatched += 1
             continue
+        true_obj = next((o for o in vis if o["object_id"] == g["object_id"]), None)
+        confusable += int(true_obj is not None
+                          and sum(o["category"] == true_obj["category"] for o in vis) > 1)
         desc = r.get("rewritten") or r["text"]
         hits = resolve_description(desc, vis, str(g.get("category") or r["category"]), colours)
         outcome = ("unique" if hits == [g["object_id"]] else "ambiguous" if len(hits) > 1 else "misdescribed")
@@ -161,7 +166,7 @@ def description_ambiguity(b: BuildData, rows: Sequence[Mapping[str, Any]]) -> di
         if outcome != "unique" and len(examples) < MAX_EXAMPLES:
             examples.append({"key": r["key"], "index": r["index"], "text": r["text"], "description": desc,
                              "outcome": outcome, "n_matches": len(hits), "source": source})
-    return {**_share(overall), "n_unmatched": unmatched,
+    return {**_share(overall), "n_unmatched": unmatched, "n_confusable": confusable,
             "by_source": {k: _share(v) for k, v in sorted(by_source.items())},
             "by_injection": ({k: {f"n_{o}": v.get(o, 0) for o in OUTCOMES} for k, v in sorted(by_injection.items())}
                              if injected is not None else None),

@@ -428,7 +428,7 @@ def agreement(b: BuildData, rows: list[dict[str, Any]] | None = None) -> dict[st
                 v_possible_ok += int(iv >= thr and possible)
             elif v.get("choice") is None and v["decision"] in ("none", "no_candidates") and not possible:
                 v_correct += 1  # a correct refusal: no candidate was the object
-    out["_outcomes"] = {"basis": "verifier" if verified else "tagger", **outcomes}
+    out["_outcomes"] = {"basis": "verifier" if verified else "tagger", **outcomes} if tag else None
     if top1:
         out["tagger"] = {"n_entities": len(top1), "top1_acc": sum(x >= thr for x in top1) / len(top1),
                          "best_of_k_acc": sum(x >= thr for x in best) / len(best),

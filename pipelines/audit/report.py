@@ -188,7 +188,8 @@ def _ambiguity_html(a: Mapping[str, Any] | None) -> str:
             for src, v in [("all", a), *sorted(a["by_source"].items())]]
     out = ('<h3 id=ambiguity>Do the descriptions single out their object?</h3><p>Each written description '
            '(the rewrite, else the record&rsquo;s words) resolved among the objects visible in its image: ambiguous = '
-           'it fits more than one, misdescribed = it fits another object or none (95% Wilson intervals).</p>'
+           'it fits more than one, misdescribed = it fits another object or none (95% Wilson intervals). '
+           f'{a["n_confusable"]} of the {a["n"]} objects share their category with another visible object.</p>'
            + _table(["source", "mentions", "ambiguous", "share", "95% CI", "misdescribed", "not unique", "95% CI"],
                     rows))
     if a.get("by_injection"):
