@@ -11,7 +11,7 @@ the truth (the same classification as `verify_effect`, from `metrics.agreement`)
 - missed: the verifier chose a wrong box (what the build writes unless a later stage drops the sample);
 - lost: the first candidate was right, and the verifier refused it or chose a wrong box;
 - correct: the first candidate was right and the verifier chose a right box.
-A build without a verify stage writes the tagger's first box: its mentions are missed or correct.
+Without a verify stage the tagger's first box (the one the assignment prefers) is judged: missed or correct.
 A mention the tagger gave no box has nothing to draw; the funnel counts it.
 
 Selection: per stratum, the mentions ranked by sha256(seed, stratum, key, mention index), the first
