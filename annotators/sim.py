@@ -26,7 +26,9 @@ Verifier, per mention with candidates ("right" = IoU >= 0.5 with the truth): `re
 else, when a wrong candidate is shown, `accept_wrong` -> picks it; else a right candidate exists:
 `reject_right` -> no choice, otherwise picks it; else (only wrong ones) -> no choice (a correct
 refusal). Rewriter: when other objects of the category are in the view, `ambiguous_rewrite` ->
-"the <category>" (or another object's colour), a description that does not single the object out.
+"the <category>" (form `category`: it fits every object of the category) or, half the time when another
+object of the category has another colour, "the <that colour> <category>" (form `other_colour`: it names
+that other object): a description that does not single the object out.
 
 What was injected: per candidate in `Candidate.note` (the tag intermediate's `injected` column
 holds the mention's draw as JSON); per verdict and rewrite in the `raw` JSON (`"injected"`), which the
@@ -320,8 +322,10 @@ class SimVerifier(OracleVerifier):
         u = _rng(self.sim.seed, "rewrite", g).random(2)
         if sib and u[0] < self.sim.p("ambiguous_rewrite"):
             colours = [o.colour for o in sib if o.colour and o.colour != g.colour]
-            text = f"the {colours[0]} {g.category}" if colours and u[1] < 0.5 else f"the {g.category}"
-            return Rewrite(text, json.dumps({"description": text, "injected": "ambiguous"}), SIM_VERSION)
+            form = "other_colour" if colours and u[1] < 0.5 else "category"  # recorded: what the audit can tell
+            text = f"the {colours[0]} {g.category}" if form == "other_colour" else f"the {g.category}"
+            raw = {"description": text, "injected": "ambiguous", "form": form}
+            return Rewrite(text, json.dumps(raw), SIM_VERSION)
         return Rewrite(good.text, json.dumps({"description": good.text, "injected": None}), SIM_VERSION)
 
     # verify_many / rewrite_many: OracleVerifier's, which call these verify / rewrite per request.

@@ -10,6 +10,8 @@ ground truth) and reports:
 | `load.py`    | `load_build`: everything of a build, checked, with errors that name the file     |
 | `metrics.py` | funnel, annotator agreement (tagger / verifier / written / ground truth), rewrite |
 |              | statistics, 2D box, det3d and point-map distributions and outliers              |
+| `errors.py`  | the error gallery: caught / missed / lost / correct mentions, counted and drawn  |
+| `ambiguity.py` | whether each written description singles out its object (sample-world truth)  |
 | `plots.py`   | matplotlib (Agg) figures as PNG bytes                                            |
 | `report.py`  | `write_report`: one self-contained HTML file + `audit.json` (schema `audit`)     |
 | `review.py`  | stratified human-review sheet (`sample_for_review`) and its score (`score_sheet`) |

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 SUBCOMMANDS = ("report", "sample", "score", "perturb")
-_USAGE = """gr3d audit BUILD_DIR [--out REPORT_DIR] [--ground-truth FILE] [options]
+_USAGE = """gr3d audit BUILD_DIR [--out REPORT_DIR] [--ground-truth FILE] [--error-gallery N] [options]
        gr3d audit sample BUILD_DIR [--n 200] [--seed S] [--out DIR]
        gr3d audit score SHEET [--json FILE]
        gr3d audit perturb BUILD_DIR --out DIR [--box-jitter SIGMA] [--drop P] [--swap P] [--seed S]"""
@@ -32,6 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-h", "--help", action="store_true", dest="audit_help", help="show the forms and options")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="the form and its arguments (see the forms above)")
     p.set_defaults(func=run)
+
+
+def _count(text: str) -> int:
+    """An integer >= 0 (argparse turns the ValueError into a usage error naming the option)."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-verify", action="store_true", help="skip `gr3d shards verify` of the build (faster, trusting)")
     r.add_argument("--gallery", type=int, default=12, help="gallery samples (default 12)")
     r.add_argument("--seed", type=int, default=0, help="seed of the gallery's stratified draw (default 0)")
+    r.add_argument("--error-gallery", type=_count, default=4, metavar="N",
+                   help="caught / missed / lost errors drawn per stratum, N // 2 correct ones (0: counts only)")
 
     s = sub.add_parser("sample", help="stratified sample of boxes for human review (CSV/Parquet + crops)",
                        description="Draw N boxes stratified by corpus and category; write sheet.csv, sheet.parquet, "
@@ -112,7 +122,8 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
         out = ns.out or ns.build_dir / "audit" / "report"
         doc = write_report(ns.build_dir, out, ground_truth=ns.ground_truth, verify=not ns.no_verify,
-                           intermediates=not ns.no_intermediates, gallery_size=ns.gallery, seed=ns.seed)
+                           intermediates=not ns.no_intermediates, gallery_size=ns.gallery, seed=ns.seed,
+                           error_gallery=ns.error_gallery)
         f = doc["funnel"]
         print(f"report: {out / 'report.html'}\naudit.json: {out / 'audit.json'}")
         print(f"inputs {f['n_input']}  written {f['n_written']}  reject rows {f['n_reject_rows']}  "
@@ -127,6 +138,14 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
             print(f"vs ground truth: precision@0.5 {pct(g['precision'])}  recall@0.5 {pct(g['recall'])}  "
                   f"({g['n_written']} written, {g['n_gt']} ground-truth mentions)")
+        eg = doc.get("error_gallery")
+        if eg:
+            print("errors vs ground truth: " + "  ".join(f"{k} {v}" for k, v in eg["counts"].items())
+                  + f"  (drawn: {sum(1 for c in eg['shown'] if c['png_bytes'])})")
+        amb = (doc.get("rewrite") or {}).get("ambiguity")
+        if amb and amb["n"]:
+            print(f"descriptions: ambiguous {amb['n_ambiguous']}/{amb['n']}  misdescribed {amb['n_misdescribed']}"
+                  f"/{amb['n']}")
         return 0
     if ns.audit_command == "sample":
         from pipelines.audit.review import sample_for_review

@@ -175,14 +175,16 @@ def find_ground_truth(config: Mapping[str, Any], build_root: Path) -> Path | Non
     return None
 
 
-#: Columns the metrics use per intermediate stage (the raw model text and prompts stay on disk: on a
-#: full corpus they would cost GBs of memory for nothing the report shows).
+#: Columns the metrics use per intermediate stage (the verifier's raw text and the prompts stay on disk:
+#: on a full corpus they would cost GBs of memory for nothing the report shows). The tag stage's `note`
+#: and `injected` (what a simulated tagger did; null otherwise) caption the error gallery; the rewrite's
+#: raw answer is one short JSON object, and a simulated rewriter records there what it injected.
 INTERMEDIATE_COLUMNS: dict[str, tuple[str, ...]] = {
     "tag": ("key", "record_id", "mention_index", "category", "spans", "n_candidates", "image_width", "image_height",
-            "candidate_index", "box_norm", "_outcome"),
+            "candidate_index", "box_norm", "note", "injected", "_outcome"),
     "verify": ("key", "record_id", "mention_index", "decision", "choice", "confidence", "chosen_box_norm", "_outcome"),
     "assign": ("key", "record_id", "mention_index", "decision", "spans", "sample_decision", "_outcome"),
-    "rewrite": ("key", "record_id", "mention_index", "decision", "failure", "_outcome"),
+    "rewrite": ("key", "record_id", "mention_index", "decision", "failure", "raw_text", "_outcome"),
 }
 
 

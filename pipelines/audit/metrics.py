@@ -323,9 +323,11 @@ def agreement(b: BuildData, rows: list[dict[str, Any]] | None = None) -> dict[st
     for r in tag:
         e = ents.setdefault((r["key"], int(r["mention_index"])), {
             "record_id": str(r["record_id"]), "category": r["category"], "spans": _json_list(r.get("spans")) or [],
-            "w": int(r.get("image_width") or 0), "h": int(r.get("image_height") or 0), "cands": {}})
+            "w": int(r.get("image_width") or 0), "h": int(r.get("image_height") or 0), "cands": {}, "notes": {},
+            "injected": r.get("injected")})
         if r.get("candidate_index") is not None and r.get("box_norm") is not None:
             e["cands"][int(r["candidate_index"])] = [float(v) for v in r["box_norm"]]
+            e["notes"][int(r["candidate_index"])] = r.get("note")
     if ver:
         chosen = [v for v in ver.values() if v.get("choice") is not None]
         dec = Counter(v["decision"] for v in ver.values())
@@ -378,6 +380,8 @@ def agreement(b: BuildData, rows: list[dict[str, Any]] | None = None) -> dict[st
     top1, best, verif = [], [], []
     v_correct = v_n = v_chosen_ok = v_chosen = v_possible = v_possible_ok = 0
     effect: dict[str, list[dict[str, Any]]] = {"caught": [], "missed": [], "lost": [], "kept": []}
+    outcomes: dict[str, list[dict[str, Any]]] = {k: [] for k in effect}  # the same, with what drawing needs
+    verified = "verify" in b.intermediates
     for ek, e in ents.items():
         if not e["spans"] or not e["w"]:
             continue
@@ -392,16 +396,25 @@ def agreement(b: BuildData, rows: list[dict[str, Any]] | None = None) -> dict[st
         top1.append(cand_ious[0] if cand_ious else 0.0)
         best.append(max(cand_ious, default=0.0))
         v = ver.get(ek)
-        if v is not None and cand_ious:
-            iv_c = (box_iou([float(x) for x in v["chosen_box_norm"]], gb)
-                    if v.get("chosen_box_norm") is not None else None)
+        if cand_ious and (v is not None or not verified):
+            # without a verify stage the builder writes the first candidate: it is the "choice"
+            choice = (None if v.get("choice") is None else int(v["choice"])) if v is not None else 0
+            iv_c = (box_iou([float(x) for x in v["chosen_box_norm"]], gb) if v.get("chosen_box_norm") is not None
+                    else None) if v is not None else cand_ious[0]
             first_ok, chose_ok = cand_ious[0] >= thr, iv_c is not None and iv_c >= thr
             kind = ("kept" if chose_ok else "lost") if first_ok else ("missed" if iv_c is not None and not chose_ok
                                                                        else "caught")
-            effect[kind].append({"key": ek[0], "mention_index": ek[1], "category": e["category"],
-                                 "text": e["spans"][0][3], "first_iou": round(cand_ious[0], 4),
-                                 "chosen_iou": None if iv_c is None else round(iv_c, 4),
-                                 "decision": v["decision"], "n_candidates": len(cand_ious)})
+            entry = {"key": ek[0], "mention_index": ek[1], "category": e["category"],
+                     "text": e["spans"][0][3], "first_iou": round(cand_ious[0], 4),
+                     "chosen_iou": None if iv_c is None else round(iv_c, 4),
+                     "decision": v["decision"] if v is not None else "unverified", "n_candidates": len(cand_ious)}
+            if v is not None:
+                effect[kind].append(entry)
+            order = sorted(e["cands"])
+            outcomes[kind].append({**entry, "record_id": e["record_id"], "gt_row": j, "gt_box": gb,
+                                   "boxes": [e["cands"][k] for k in order], "ious": cand_ious,
+                                   "notes": [e["notes"].get(k) for k in order], "choice": choice,
+                                   "injected": e["injected"]})
         if v is not None:
             possible = any(x >= thr for x in cand_ious)
             v_n += 1
@@ -415,6 +428,7 @@ def agreement(b: BuildData, rows: list[dict[str, Any]] | None = None) -> dict[st
                 v_possible_ok += int(iv >= thr and possible)
             elif v.get("choice") is None and v["decision"] in ("none", "no_candidates") and not possible:
                 v_correct += 1  # a correct refusal: no candidate was the object
+    out["_outcomes"] = {"basis": "verifier" if verified else "tagger", **outcomes} if tag else None
     if top1:
         out["tagger"] = {"n_entities": len(top1), "top1_acc": sum(x >= thr for x in top1) / len(top1),
                          "best_of_k_acc": sum(x >= thr for x in best) / len(best),
@@ -473,14 +487,26 @@ def rewrite_stats(b: BuildData, n_examples: int = 12) -> dict[str, Any] | None:
 
 
 # ============================================================================ everything
-def compute_audit(b: BuildData, *, gallery_size: int = 12, seed: int = 0) -> dict[str, Any]:
-    """All sections of the audit (without figures): what `report.write_report` renders."""
+def compute_audit(b: BuildData, *, gallery_size: int = 12, seed: int = 0, error_gallery: int = 4) -> dict[str, Any]:
+    """All sections of the audit (without figures): what `report.write_report` renders.
+
+    `error_gallery`: how many caught / missed / lost errors to pick per stratum (`errors.py`).
+    """
+    from pipelines.audit.ambiguity import description_ambiguity
+    from pipelines.audit.errors import select_error_gallery
+
     rows = written_mentions(b) if b.keys_of("cot") else []
     det = det3d_stats(b)
+    agr = agreement(b, rows)
+    outcomes = agr.pop("_outcomes", None) if agr else None
+    rw = rewrite_stats(b)
+    if rw is not None:
+        rw["ambiguity"] = description_ambiguity(b, rows)
     return {
         "funnel": funnel(b),
-        "agreement": agreement(b, rows),
-        "rewrite": rewrite_stats(b),
+        "agreement": agr,
+        "rewrite": rw,
+        "error_gallery": select_error_gallery(outcomes, error_gallery, seed) if outcomes else None,
         "boxes2d": boxes2d(b),
         "det3d": det,
         "pointmaps": pointmap_stats(b),

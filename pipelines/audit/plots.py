@@ -319,11 +319,12 @@ def _font(size: int) -> Any:
 
 
 def draw_gallery_image(sample: Mapping[str, Any], *, gt_boxes: Sequence[Sequence[float] | None] = (),
-                       max_width: int = 420) -> tuple[bytes, list[dict[str, Any]]]:
+                       max_width: int = 420, colours: Sequence[tuple[int, int, int]] | None = None,
+                       ) -> tuple[bytes, list[dict[str, Any]]]:
     """The sample's image with its annotations drawn; returns (PNG bytes, what was drawn).
 
-    cot: each mention's box (colour per mention) labelled with its index and text, and its
-    ground-truth box in white when known; det3d: 2D box, category and the projected 3D box
+    cot: each mention's box (colour per mention, or `colours[i]`) labelled with its index and text,
+    and its ground-truth box in white when known; det3d: 2D box, category and the projected 3D box
     wireframe; pointmap: the sampled points coloured by depth (near = yellow).
     """
     from PIL import Image, ImageDraw
@@ -351,7 +352,7 @@ def draw_gallery_image(sample: Mapping[str, Any], *, gt_boxes: Sequence[Sequence
 
     if rec["corpus"] == "cot":
         for i, m in enumerate(rec.get("mentions", [])):
-            col = _PALETTE[i % len(_PALETTE)]
+            col = colours[i] if colours is not None and i < len(colours) else _PALETTE[i % len(_PALETTE)]
             gb = gt_boxes[i] if i < len(gt_boxes) else None
             if gb is not None:
                 draw.rectangle(px(gb), outline=(255, 255, 255), width=1)

@@ -63,12 +63,14 @@ def _build_info(b: BuildData) -> dict[str, Any]:
     }
 
 
-def build_audit(b: BuildData, *, gallery_size: int = 12, seed: int = 0) -> tuple[dict[str, Any], list[Any],
-                                                                                   list[dict[str, Any]]]:
-    """(audit.json document, figures, gallery images) of a loaded build."""
+def build_audit(b: BuildData, *, gallery_size: int = 12, seed: int = 0, error_gallery: int = 4,
+                ) -> tuple[dict[str, Any], list[Any], list[dict[str, Any]]]:
+    """(audit.json document, figures, gallery images) of a loaded build; the error gallery's images come
+    after the sample gallery's, marked `"error": True`."""
     from pipelines.audit import metrics, plots
+    from pipelines.audit.errors import draw_error_gallery
 
-    sec = metrics.compute_audit(b, gallery_size=gallery_size, seed=seed)
+    sec = metrics.compute_audit(b, gallery_size=gallery_size, seed=seed, error_gallery=error_gallery)
     rows = sec.pop("_mentions")
     figs = plots.make_figures(sec)
     gt_by_key: dict[str, dict[int, list[float] | None]] = {}
@@ -88,9 +90,13 @@ def build_audit(b: BuildData, *, gallery_size: int = 12, seed: int = 0) -> tuple
                    "intermediates": {k: v for k, v in sorted(b.intermediate_files.items())},
                    "verified": b.verified, "warnings": list(b.warnings)},
         **{k: sec[k] for k in ("funnel", "agreement", "rewrite", "boxes2d", "det3d", "pointmaps")},
+        "error_gallery": sec["error_gallery"],
         "gallery": [{"key": g["key"], "stratum": g["stratum"], "drawn": g["drawn"]} for g in gallery],
         "figures": [f.to_json() for f in figs],
     }
+    if sec["error_gallery"] is not None:
+        drawn = draw_error_gallery(b, sec["error_gallery"])
+        gallery += [{**d, "error": True} for d in drawn]
     return doc, figs, gallery
 
 
@@ -139,6 +145,64 @@ def _verify_effect_html(ve: Mapping[str, Any] | None) -> str:
     return head + "".join(body)
 
 
+_STRATUM_TITLES = {"caught": "Caught: the verifier refused a wrong box",
+                   "missed": "Missed: a wrong box was accepted (written)",
+                   "lost": "Lost: the verifier refused a right box",
+                   "correct": "Correct: a right box, kept"}
+
+
+def _error_gallery_html(eg: Mapping[str, Any] | None, drawn: Sequence[Mapping[str, Any]]) -> str:
+    """Caught / missed / lost / correct cases drawn on their images, with the count of each stratum."""
+    from pipelines.audit.plots import data_uri
+
+    if not eg:
+        return ""
+    c = eg["counts"]
+    basis = ("the verifier's decision on the tagger's candidates" if eg["basis"] == "verifier"
+             else "the tagger's first box (no verify stage)")
+    parts = [f'<h2 id=error-gallery>Caught and missed errors</h2><p>Mentions with candidates and a ground-truth '
+             f'box, by {_e(basis)}: {c["caught"]} caught, {c["missed"]} missed, {c["lost"]} lost, {c["correct"]} '
+             f'correct. Up to {eg["cap"]} per stratum (seed {eg["seed"]}). Red: a wrong box (IoU &lt; '
+             f'{eg["iou_threshold"]} with the truth), green: a right one, white: the truth.</p>']
+    for s, title in _STRATUM_TITLES.items():
+        cases = [d for d in drawn if d["stratum"] == s]
+        if not cases:
+            continue
+        parts.append(f'<h3>{_e(title)} ({c[s]})</h3><div class=gallery>')
+        parts += [f'<figure class="error {_e(s)}"><img alt="{_e(d["key"])}" src="{data_uri(d["png"])}">'
+                  f'<figcaption>{_e(d["caption"])} <code>{_e(d["key"])}</code></figcaption></figure>' for d in cases]
+        parts.append("</div>")
+    return "".join(parts)
+
+
+def _ambiguity_html(a: Mapping[str, Any] | None) -> str:
+    """Share of written descriptions that do not single out their object, per source and vs the injected record."""
+    if not a or not a["n"]:
+        return ""
+
+    def ci(x: Sequence[float] | None) -> str:
+        return "n/a" if not x else f"[{100 * x[0]:.1f}, {100 * x[1]:.1f}]"
+
+    rows = [[src, v["n"], v["n_ambiguous"], _fmt(v["ambiguous_share"], True), ci(v["ambiguous_ci"]),
+             v["n_misdescribed"], _fmt(v["not_unique_share"], True), ci(v["not_unique_ci"])]
+            for src, v in [("all", a), *sorted(a["by_source"].items())]]
+    out = ('<h3 id=ambiguity>Do the descriptions single out their object?</h3><p>Each written description '
+           '(the rewrite, else the record&rsquo;s words) resolved among the objects visible in its image: ambiguous = '
+           'it fits more than one, misdescribed = it fits another object or none (95% Wilson intervals). '
+           f'{a["n_confusable"]} of the {a["n"]} objects share their category with another visible object.</p>'
+           + _table(["source", "mentions", "ambiguous", "share", "95% CI", "misdescribed", "not unique", "95% CI"],
+                    rows))
+    if a.get("by_injection"):
+        out += "<p>Against what the simulated rewriter injected:</p>" + _table(
+            ["injected", "unique", "ambiguous", "misdescribed"],
+            [[k, v["n_unique"], v["n_ambiguous"], v["n_misdescribed"]] for k, v in a["by_injection"].items()])
+    if a["examples"]:
+        out += _table(["key", "#", "text", "description", "outcome", "objects matched"],
+                      [[x["key"], x["index"], x["text"], x["description"], x["outcome"], x["n_matches"]]
+                       for x in a["examples"]])
+    return out
+
+
 def render_html(doc: Mapping[str, Any], figs: Sequence[Any], gallery: Sequence[Mapping[str, Any]]) -> str:
     """The report page; every image is a data URI, so the file stands alone."""
     from pipelines.audit.plots import data_uri
@@ -166,10 +230,13 @@ def render_html(doc: Mapping[str, Any], figs: Sequence[Any], gallery: Sequence[M
         p = b["perturbation"]
         parts.append("<p><b>This build is a perturbed copy</b>: " + _e(", ".join(
             f"{k}={v}" for k, v in sorted(p.items()) if not isinstance(v, dict))) + "</p>")
-    sections = [("funnel", "Funnel"), ("agreement", "Agreement between annotators"), ("rewrite", "Rewrites"),
+    errors_drawn = [g for g in gallery if g.get("error")]
+    gallery = [g for g in gallery if not g.get("error")]
+    sections = [("funnel", "Funnel"), ("agreement", "Agreement between annotators"),
+                ("error_gallery", "Caught and missed errors"), ("rewrite", "Rewrites"),
                 ("boxes2d", "2D boxes"), ("det3d", "3D detection corpus"), ("pointmaps", "Point-map corpus"),
                 ("gallery", "Gallery")]
-    parts.append("<p>" + " &middot; ".join(f'<a href="#{k}">{_e(t)}</a>' for k, t in sections
+    parts.append("<p>" + " &middot; ".join(f'<a href="#{k.replace("_", "-")}">{_e(t)}</a>' for k, t in sections
                                            if k == "funnel" or doc.get(k)) + "</p>")
 
     f = doc["funnel"]
@@ -212,6 +279,8 @@ def render_html(doc: Mapping[str, Any], figs: Sequence[Any], gallery: Sequence[M
                 ["key", "#", "text", "category", "IoU vs GT"],
                 [[w["key"], w["index"], w["text"], w["category"], w["iou_gt"]] for w in g["worst"]]))
 
+    parts.append(_error_gallery_html(doc.get("error_gallery"), errors_drawn))
+
     r = doc.get("rewrite")
     if r:
         parts.append(f'<h2 id=rewrite>Rewrites</h2><p>{r["n_rewritten"]} of {r["n_mentions"]} written mentions '
@@ -220,6 +289,7 @@ def render_html(doc: Mapping[str, Any], figs: Sequence[Any], gallery: Sequence[M
         if r.get("intermediate"):
             parts.append(f"<p>Rewrite requests: {_e(r['intermediate']['decisions'])}.</p>")
         parts.append(figures("rewrite"))
+        parts.append(_ambiguity_html(r.get("ambiguity")))
         if r["examples"]:
             parts.append(_table(["key", "#", "original", "rewritten"],
                                 [[x["key"], x["index"], x["text"], x["rewritten"]] for x in r["examples"]]))
@@ -264,13 +334,15 @@ def render_html(doc: Mapping[str, Any], figs: Sequence[Any], gallery: Sequence[M
 
 def write_report(build_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                  ground_truth: str | os.PathLike[str] | None = None, verify: bool = True, intermediates: bool = True,
-                 gallery_size: int = 12, seed: int = 0) -> dict[str, Any]:
-    """Audit a build: write `OUT/report.html` and `OUT/audit.json` (schema-validated); return the document."""
+                 gallery_size: int = 12, seed: int = 0, error_gallery: int = 4) -> dict[str, Any]:
+    """Audit a build: write `OUT/report.html` and `OUT/audit.json` (schema-validated); return the document.
+
+    `error_gallery`: caught / missed / lost cases drawn per stratum (0: counts only, no images)."""
     from schemas import records
     from shards import jsonio
 
     b = load_build(build_dir, ground_truth=ground_truth, verify=verify, intermediates=intermediates)
-    doc, figs, gallery = build_audit(b, gallery_size=gallery_size, seed=seed)
+    doc, figs, gallery = build_audit(b, gallery_size=gallery_size, seed=seed, error_gallery=error_gallery)
     doc = jsonio.to_jsonable(doc)
     records.validate("audit", doc)
     out = Path(out_dir)
