@@ -38,6 +38,10 @@ class Num:
 
     `max_one`: the value is at most 1 (integer part 0 or 1, and 1 only as 1.00..); `positive`: not zero
     (and no minus); `half_open`: in (-1, 1] (rotations are angles / pi; -1 is written as 1).
+    `keep`: remember the value (a later slot of the element is bounded by it); `at_least`: the value is
+    >= the `at_least`-th kept value (a 2D box's x2 >= x1, y2 >= y1, as the grammar's parser requires);
+    `release`: forget the kept values once this slot is complete (they bound nothing further, and states
+    without them repeat, so their masks stay cached).
     """
 
     dec: int
@@ -46,6 +50,9 @@ class Num:
     max_one: bool = False
     positive: bool = False
     half_open: bool = False
+    keep: bool = False
+    at_least: int | None = None
+    release: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,9 @@ class Tok:
 Item = str | Num | Tok
 
 _B = Num(dec=3, neg=False, max_int=1, max_one=True)
+_B_LO = Num(dec=3, neg=False, max_int=1, max_one=True, keep=True)
+_B_X2 = Num(dec=3, neg=False, max_int=1, max_one=True, at_least=0)
+_B_Y2 = Num(dec=3, neg=False, max_int=1, max_one=True, at_least=1, release=True)
 _C = Num(dec=2, neg=True, max_int=2)
 _D = Num(dec=2, neg=False, max_int=2, positive=True)
 _R = Num(dec=2, neg=True, max_int=1, max_one=True, half_open=True)
@@ -68,7 +78,7 @@ def _seq(*parts: Sequence[Item]) -> tuple[Item, ...]:
     return tuple(x for p in parts for x in p)
 
 
-_BBOX: tuple[Item, ...] = (Tok(grammar.BBOX_OPEN), "[", _B, ", ", _B, ", ", _B, ", ", _B, "]", Tok(grammar.BBOX_CLOSE),
+_BBOX: tuple[Item, ...] = (Tok(grammar.BBOX_OPEN), "[", _B_LO, ", ", _B_LO, ", ", _B_X2, ", ", _B_Y2, "]", Tok(grammar.BBOX_CLOSE),
                            Tok(grammar.REGION, optional=True))
 _BOX3D: tuple[Item, ...] = (Tok(grammar.BOX3D_OPEN), ' center="', _C, ", ", _C, ", ", _C, '" dimensions="', _D, ", ",
                             _D, ", ", _D, '" rotation="', _R, ", ", _R, ", ", _R, '">', Tok(grammar.BOX3D_CLOSE))
@@ -80,9 +90,10 @@ GRAMMARS: dict[str, tuple[tuple[Item, ...], str | None]] = {
 }
 """name -> (items of one element, separator between repeated elements or None for exactly one)."""
 
-# Automaton state: (element count done, item index, sub-state). Item index len(items) = after an element;
-# -1 = inside the separator. Sub-state: position in a literal, or a number's (sign, int digits, decimals).
-State = tuple[int, int, Any]
+# Automaton state: (element count done, item index, sub-state, kept values). Item index len(items) = after an
+# element; -1 = inside the separator. Sub-state: position in a literal, or a number's (sign, int digits,
+# decimals). Kept values: the values (in units of the last decimal) of the `keep` numbers not yet released.
+State = tuple[int, int, Any, tuple[int, ...]]
 
 _MASKS: dict[tuple[int, int, str, int], dict[State, torch.Tensor]] = {}
 
@@ -124,17 +135,31 @@ class GrammarConstraint:
         self._rows: dict[int, tuple[int, State]] = {}
 
     # ------------------------------------------------------------------ automaton
-    def _start_item(self, n: int, k: int) -> State:
+    def _start_item(self, n: int, k: int, kept: tuple[int, ...] = ()) -> State:
         """State at the start of item k of element n (k == len(items): element complete)."""
         if k < len(self.items) and isinstance(self.items[k], Num):
-            return (n, k, ("", "", None))
-        return (n, k, 0)
+            return (n, k, ("", "", None), kept)
+        return (n, k, 0, kept)
 
-    def _after_item(self, n: int, k: int) -> State:
+    def _after_item(self, n: int, k: int, kept: tuple[int, ...] = ()) -> State:
         k += 1
         if k == len(self.items):
-            return (n + 1, k, 0)
-        return self._start_item(n, k)
+            return (n + 1, k, 0, ())
+        return self._start_item(n, k, kept)
+
+    @staticmethod
+    def _max_value(spec: Num, sub: tuple[str, str, str | None]) -> float:
+        """Largest value (units of the last decimal) a number starting with `sub` can still reach."""
+        sign, ints, decs = sub
+        if sign:
+            return 0.0 if ints or decs else math.inf  # only the non-negative slots are bounded
+        if not ints:
+            return 10**spec.dec if spec.max_one else math.inf
+        if spec.max_one and ints == "1":
+            return 10**spec.dec
+        if decs is None and len(ints) < spec.max_int and not spec.max_one and ints != "0":
+            return math.inf
+        return int(ints) * 10**spec.dec + int((decs or "").ljust(spec.dec, "9"))
 
     def _num_feed(self, spec: Num, sub: tuple[str, str, str | None], c: str) -> tuple[str, str, str | None] | None:
         sign, ints, decs = sub
@@ -161,39 +186,43 @@ class GrammarConstraint:
         return (sign, ints, decs + c)
 
     def _feed_char(self, st: State, c: str) -> State | None:
-        n, k, sub = st
+        n, k, sub, kept = st
         if k == len(self.items):  # element complete: the separator may start another
             if self.sep is None or n >= self.max_items:
                 return None
-            return self._feed_char((n, -1, 0), c)
+            return self._feed_char((n, -1, 0, ()), c)
         if k == -1:
             if c != self.sep[sub]:
                 return None
-            return (n, -1, sub + 1) if sub + 1 < len(self.sep) else self._start_item(n, 0)
+            return (n, -1, sub + 1, ()) if sub + 1 < len(self.sep) else self._start_item(n, 0)
         item = self.items[k]
         if isinstance(item, Tok):
             if item.optional:
-                return self._feed_char(self._after_item(n, k), c)
+                return self._feed_char(self._after_item(n, k, kept), c)
             return None
         if isinstance(item, str):
             if c != item[sub]:
                 return None
-            return (n, k, sub + 1) if sub + 1 < len(item) else self._after_item(n, k)
+            return (n, k, sub + 1, kept) if sub + 1 < len(item) else self._after_item(n, k, kept)
         new = self._num_feed(item, sub, c)
         if new is None:
             return None
+        if item.at_least is not None and self._max_value(item, new) < kept[item.at_least]:
+            return None  # no completion can reach the lower bound (x2 >= x1, y2 >= y1)
         if new[2] is not None and len(new[2]) == item.dec:
-            return self._after_item(n, k)
-        return (n, k, new)
+            value = (-1 if new[0] else 1) * (int(new[1]) * 10**item.dec + int(new[2]))
+            kept = () if item.release else kept + (value,) if item.keep else kept
+            return self._after_item(n, k, kept)
+        return (n, k, new, kept)
 
     def _feed_token(self, st: State, tid: int) -> State | None:
-        n, k, sub = st
+        n, k, sub, kept = st
         if 0 <= k < len(self.items) and isinstance(self.items[k], Tok):
             item = self.items[k]
             if self.special[item.text] == tid:
-                return self._after_item(n, k)
+                return self._after_item(n, k, kept)
             if item.optional:
-                return self._feed_token(self._after_item(n, k), tid)
+                return self._feed_token(self._after_item(n, k, kept), tid)
             return None
         if tid in self.special.values():
             return None
@@ -207,7 +236,7 @@ class GrammarConstraint:
         return st
 
     def _can_end(self, st: State) -> bool:
-        n, k, _ = st
+        n, k, _, _ = st
         return k == len(self.items) and n >= 1
 
     def allowed(self, st: State) -> torch.Tensor:
@@ -216,11 +245,11 @@ class GrammarConstraint:
         if m is not None:
             return m
         m = torch.zeros(self.vocab, dtype=torch.bool)
-        n, k, _ = st
+        n, k, _, kept = st
         if 0 <= k < len(self.items) and isinstance(self.items[k], Tok):
             m[self.special[self.items[k].text]] = True
             if self.items[k].optional:
-                m |= self.allowed(self._after_item(n, k))
+                m |= self.allowed(self._after_item(n, k, kept))
                 m[self.special[grammar.REGION]] = False  # generate inserts the region itself
         else:
             for first, group in self._by_first.items():
