@@ -205,9 +205,11 @@ def _rounds(turns: Sequence[Mapping[str, str]]) -> list[list[Mapping[str, str]]]
     return rounds
 
 
-def fit_conversation(tokenizer: Any, turns: Sequence[Mapping[str, str]], num_image_tokens: int,
+def fit_conversation(tokenizer: Any, turns: Sequence[Mapping[str, str]], num_image_tokens: int | Sequence[int],
                      max_seq_len: int) -> Any:
-    """Encode the conversation, dropping trailing rounds until it fits; None if one round is too long."""
+    """Encode the conversation, dropping trailing rounds until it fits; None if one round is too long.
+
+    `num_image_tokens`: per-tile counts in the tiles mode (`model.tokenizer.encode_conversation`)."""
     from model.tokenizer import encode_conversation
 
     rounds = _rounds(turns)

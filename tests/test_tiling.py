@@ -187,3 +187,24 @@ def test_tiny_model_trains_and_generates_with_tiles(tmp_path: Path) -> None:
                    max_new_tokens=5, scales=[1.0, None])
     assert len(res) == 2 and all(len(r.token_ids) == 5 for r in res)
     assert isinstance(model, GR3DModel)
+
+
+def test_train_loop_with_tiles_records_the_policy_for_evaluation(tmp_path: Path) -> None:
+    """`gr3d train --model.image_mode tiles ...`: the trainer runs on tiles and the checkpoint carries the policy."""
+    from model.checkpoint import load_pretrained
+    from model.generate import prepare_image_batch
+    from model.train import train
+    from model.train_config import load_config, parse_override_args
+    from tests.test_data_loader import write_corpora
+
+    root = write_corpora(tmp_path / "b", shards=1, per_shard=4, corpora=("det3d",))
+    args = ["--model.image_mode", "tiles", "--model.min_tiles", "2", "--model.max_tiles", "4", "--data.root", str(root),
+            "--data.mix", "det3d@1", "--max_steps", "2", "--data.num_workers", "0", "--data.batch_size", "2",
+            "--checkpoint_every", "0", "--out", str(tmp_path / "run")]
+    summary = train(load_config("tiny", parse_override_args(args)))
+    assert summary["step"] == 2
+    model = load_pretrained(tmp_path / "run" / "final")
+    assert (model.config.image_mode, model.config.min_tiles, model.config.max_tiles) == ("tiles", 2, 4)
+    # 32 x 24 images: (1,1) is excluded, (2,2) is nearest 4:3 among 2..4 tiles: 4 tiles + thumbnail
+    pix, win, _, grids = prepare_image_batch(model, [Image.new("RGB", (32, 24))], [2.0])
+    assert grids == [(2, 2)] and pix.shape[0] == 5 and win.shape == (5, 4)
