@@ -48,6 +48,17 @@ class GR3DConfig:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     token_ids: dict[str, int] = field(default_factory=dict)
     """Ids of image, region, bbox_open, bbox_close, eos, pad, im_start (set from the tokenizer)."""
+    image_mode: str = "letterbox"
+    """How images become encoder inputs (`model.imaging`): letterbox | stretch | focal | tiles. Recorded here so
+    training and every evaluation of a checkpoint prepare images alike."""
+    canvas_focal: float = 0.0
+    """`focal` mode: the focal length (encoder pixels) every camera is rescaled to."""
+    min_tiles: int = 1
+    """`tiles` mode: fewest tiles of the grid (NVILA: 1)."""
+    max_tiles: int = 12
+    """`tiles` mode: most tiles of the grid (NVILA: 12), plus a thumbnail when more than one."""
+    det3d_answer: str = "grounded"
+    """detect_3d answer form the model was trained on: grounded (2D box + region, then 3D) | direct (3D only)."""
 
     # ------------------------------------------------------------------ derived shapes
     @property

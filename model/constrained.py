@@ -10,6 +10,8 @@ only where an answer may end. The region slot after `</bbox>` is inserted by `mo
 Answers (the corpora's formats, `schemas.grammar`):
 - `detect`: objects `<bbox>[x1, y1, x2, y2]</bbox><region> <3d_box ...></3d_box>`, one per line, then EOS
   (at most `max_items` objects, so a large enough `max_new_tokens` always ends well-formed);
+- `detect_direct`: the same without the grounded 2D prefix, `<3d_box ...></3d_box>` per line (a model trained
+  with `data.det3d_answer: direct`; `detect_kind` picks the grammar from the model's config);
 - `box3d`: one `<3d_box ...></3d_box>` then EOS (region -> 3D);
 - `bbox`: one `<bbox>[..]</bbox>` (+ region) then EOS (2D grounding).
 
@@ -29,7 +31,7 @@ import torch
 
 from schemas import grammar
 
-__all__ = ["Num", "Tok", "GRAMMARS", "GrammarConstraint"]
+__all__ = ["Num", "Tok", "GRAMMARS", "GrammarConstraint", "detect_kind"]
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,17 @@ _BOX3D: tuple[Item, ...] = (Tok(grammar.BOX3D_OPEN), ' center="', _C, ", ", _C, 
 
 GRAMMARS: dict[str, tuple[tuple[Item, ...], str | None]] = {
     "detect": (_seq(_BBOX, (" ",), _BOX3D), "\n"),
+    "detect_direct": (_BOX3D, "\n"),
     "box3d": (_BOX3D, None),
     "bbox": (_BBOX, None),
 }
 """name -> (items of one element, separator between repeated elements or None for exactly one)."""
+
+
+def detect_kind(config: Any) -> str:
+    """The detection grammar of a model: `detect` (grounded answers) or `detect_direct` (its config says direct)."""
+    return "detect_direct" if getattr(config, "det3d_answer", "grounded") == "direct" else "detect"
+
 
 # Automaton state: (element count done, item index, sub-state, kept values). Item index len(items) = after an
 # element; -1 = inside the separator. Sub-state: position in a literal, or a number's (sign, int digits,

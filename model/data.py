@@ -5,14 +5,15 @@ One sample becomes one training example:
    (spatial pretraining) uses region_to_3d, point_3d and grounded_cot; stage 2 (detection CoT) uses
    detect_3d and grounded_cot. The pick is seeded by (seed, epoch, key), so it does not depend on which
    worker or rank reads the sample, and a new epoch may pick another conversation.
-2. The image is shown at the intrinsics-normalized size (s*W, s*H), s = record camera.scale = 1000/fx
-   (no resize when the camera is unknown, as for cot), then fitted into the encoder square
-   (`model.vision.preprocess_image`, one resampling); the content window goes with it, so PE and region
-   pooling work in original-image coordinates like the grammar's boxes.
+2. The image becomes encoder inputs by the model's image policy (`model.imaging`: letterbox, stretch,
+   focal canvas or NVILA tiles) from s = record camera.scale = 1000/fx (None when the camera is unknown, as
+   for cot); the content windows go with it, so PE and region pooling work in original-image coordinates
+   like the grammar's boxes. With tiles the image has several canvases and `image_grids` says how many.
 3. `encode_conversation` applies the chat template: grammar tokens are single ids, labels cover the
    assistant turns only, and every `<region>` yields its box (detached when in an assistant turn).
    A conversation longer than `max_seq_len` loses its last rounds; one whose first round does not fit
-   is skipped (and counted).
+   is skipped (and counted). Options (`model.augment`): detect_3d answers without their grounded 2D
+   prefix (`det3d_answer="direct"`), and 2D jitter of the region-prompt boxes (`box_jitter`, training only).
 
 Corpora are mixed by weight (`det3d@0.5,pointmap@0.3,cot@0.2`): each (rank, DataLoader worker) reads its
 split of every corpus through `shards.reader.make_webdataset` and interleaves them with a weighted draw
@@ -128,19 +129,41 @@ class ExampleSpec:
     """Tasks to train on instead of the stage's (`STAGE_TASKS`)."""
     blind: bool = False
     """Every image becomes the mean colour and depth is dropped (the blind baseline)."""
+    canvas_focal: float = 0.0
+    min_tiles: int = 1
+    max_tiles: int = 12
+    box_jitter: float = 0.0
+    """Region-prompt boxes move by up to this fraction of their size (`model.augment.jitter_boxes`); 0 = off."""
+    det3d_answer: str = "grounded"
+    """grounded | direct: detect_3d answers keep or drop each object's `<bbox>..</bbox><region> ` prefix."""
+
+    @property
+    def policy(self) -> Any:
+        """The `model.imaging.ImagePolicy` these fields describe."""
+        from model.imaging import ImagePolicy
+
+        return ImagePolicy(self.mode, self.image_size, self.mean, self.std, self.canvas_focal, self.min_tiles,
+                           self.max_tiles, self.num_image_tokens)
 
     @classmethod
     def for_model(cls, model: Any, stage: int, max_seq_len: int = 2048, seed: int = 0,
-                  mode: str = "letterbox", tasks: Sequence[str] | None = None, blind: bool = False) -> ExampleSpec:
+                  mode: str | None = None, tasks: Sequence[str] | None = None, blind: bool = False,
+                  box_jitter: float = 0.0, det3d_answer: str | None = None) -> ExampleSpec:
+        """The model's own image policy and answer form (its config) unless `mode` / `det3d_answer` are given."""
         c = model.config
         return cls(model.tokenizer, stage, c.num_image_tokens, c.image_size, c.token_ids["pad"], max_seq_len, seed,
-                   mode, tuple(c.image_mean), tuple(c.image_std), tuple(tasks) if tasks else None, blind)
+                   mode or c.image_mode, tuple(c.image_mean), tuple(c.image_std), tuple(tasks) if tasks else None,
+                   blind, float(c.canvas_focal), int(c.min_tiles), int(c.max_tiles), box_jitter,
+                   det3d_answer or c.det3d_answer)
 
     @classmethod
     def for_config(cls, model: Any, cfg: Any) -> ExampleSpec:
-        """The spec a `TrainConfig` asks for (stage, sequence length, seed, image mode, tasks, blind)."""
+        """The spec a `TrainConfig` asks for (stage, sequence length, seed, image policy, tasks, blind, options).
+
+        The image policy is the model config's, which `model.build.build_model` set from `cfg.model`."""
         return cls.for_model(model, cfg.stage, cfg.data.max_seq_len, cfg.seed, cfg.model.image_mode,
-                             tasks=cfg.data.task_list, blind=cfg.data.blind)
+                             tasks=cfg.data.task_list, blind=cfg.data.blind, box_jitter=cfg.data.box_jitter,
+                             det3d_answer=cfg.data.det3d_answer)
 
 
 @dataclass
@@ -151,10 +174,13 @@ class Example:
     encoded: Any
     """model.tokenizer.EncodedConversation."""
     pixel_values: Any
-    """(3, S, S) float tensor."""
-    window: tuple[float, float, float, float]
+    """(3, S, S) float tensor; (T, 3, S, S) in the tiles mode."""
+    window: Any
+    """(x0, y0, x1, y1); in the tiles mode a list of T windows."""
     depth: Any = None
-    """(1, S, S) depth canvas or None."""
+    """(1, S, S) depth canvas or None; (T, 1, S, S) in the tiles mode."""
+    grid: tuple[int, int] | None = None
+    """Tile grid (rows, cols) in the tiles mode, else None."""
 
 
 def pick_conversation(record: Mapping[str, Any], stage: int, seed: int, epoch: int,
@@ -179,9 +205,11 @@ def _rounds(turns: Sequence[Mapping[str, str]]) -> list[list[Mapping[str, str]]]
     return rounds
 
 
-def fit_conversation(tokenizer: Any, turns: Sequence[Mapping[str, str]], num_image_tokens: int,
+def fit_conversation(tokenizer: Any, turns: Sequence[Mapping[str, str]], num_image_tokens: int | Sequence[int],
                      max_seq_len: int) -> Any:
-    """Encode the conversation, dropping trailing rounds until it fits; None if one round is too long."""
+    """Encode the conversation, dropping trailing rounds until it fits; None if one round is too long.
+
+    `num_image_tokens`: per-tile counts in the tiles mode (`model.tokenizer.encode_conversation`)."""
     from model.tokenizer import encode_conversation
 
     rounds = _rounds(turns)
@@ -203,26 +231,35 @@ def build_example(sample: Mapping[str, Any], spec: ExampleSpec, epoch: int) -> t
     """A decoded shard sample -> (Example, None), or (None, reason) when the stage cannot use it."""
     from PIL import Image
 
-    from model.vision import letterbox_window, preprocess_depth, preprocess_image
+    from model.augment import direct_turns, jitter_boxes
 
     rec = sample["json"]
     conv = pick_conversation(rec, spec.stage, spec.seed, epoch, spec.tasks)
     if conv is None:
         return None, "no_stage_task"
-    enc = fit_conversation(spec.tokenizer, conv["turns"], spec.num_image_tokens, spec.max_seq_len)
-    if enc is None:
-        return None, "too_long"
+    turns = conv["turns"]
+    if spec.det3d_answer == "direct" and conv["task"] == "detect_3d":
+        turns = direct_turns(turns)
     camera = rec.get("camera")
-    scale = float(camera["scale"]) if camera else 1.0
+    scale = float(camera["scale"]) if camera else None
+    policy = spec.policy
+    tiled = spec.mode == "tiles"
     with Image.open(io.BytesIO(_image_bytes(sample))) as im:
-        w, h = im.size
-        pix = preprocess_image(im, scale, spec.image_size, spec.mode, spec.mean, spec.std)
-    window = letterbox_window(w, h, spec.image_size, scale, spec.mode)
-    depth = sample.get("depth.npy")
-    dcan = preprocess_depth(depth, scale, spec.image_size, spec.mode) if depth is not None else None
+        counts = policy.token_counts(im.width, im.height, scale) if tiled else spec.num_image_tokens
+        enc = fit_conversation(spec.tokenizer, turns, counts, spec.max_seq_len)
+        if enc is None:
+            return None, "too_long"
+        prep = policy.prepare(im, scale, sample.get("depth.npy"))
+    if spec.box_jitter > 0:
+        enc.region_boxes = jitter_boxes(enc.region_boxes, enc.region_in_response, spec.box_jitter,
+                                        f"{spec.seed}:{epoch}:{rec['key']}")
+    pix, dcan = prep.pixels, prep.depth
     if spec.blind:  # normalized zero = the mean colour everywhere; no depth either (it would show the scene)
         pix, dcan = torch.zeros_like(pix), None
-    return Example(rec["key"], rec["corpus"], conv["task"], enc, pix, window, dcan), None
+    if tiled:
+        return Example(rec["key"], rec["corpus"], conv["task"], enc, pix, prep.windows, dcan, prep.grid), None
+    return Example(rec["key"], rec["corpus"], conv["task"], enc, pix[0], prep.windows[0],
+                   dcan[0] if dcan is not None else None), None
 
 
 def collate_examples(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
@@ -230,11 +267,20 @@ def collate_examples(examples: Sequence[Example], pad_id: int) -> dict[str, Any]
     from model.gr3d import collate_conversations
 
     batch = collate_conversations([e.encoded for e in examples], pad_id)
-    batch["pixel_values"] = torch.stack([e.pixel_values for e in examples])
-    batch["image_windows"] = torch.tensor([e.window for e in examples], dtype=torch.float32)
-    if any(e.depth is not None for e in examples):
-        s = examples[0].pixel_values.shape[-1]
-        batch["depth"] = torch.stack([e.depth if e.depth is not None else torch.zeros(1, s, s) for e in examples])
+    if any(e.grid is not None for e in examples):  # tiles: every image's canvases, in order
+        batch["pixel_values"] = torch.cat([e.pixel_values for e in examples])
+        batch["image_windows"] = torch.tensor([w for e in examples for w in e.window], dtype=torch.float32)
+        batch["image_grids"] = [e.grid for e in examples]
+        if any(e.depth is not None for e in examples):
+            batch["depth"] = torch.cat([e.depth if e.depth is not None else torch.zeros(e.pixel_values.shape[0], 1,
+                                        *e.pixel_values.shape[-2:]) for e in examples])
+    else:
+        batch["pixel_values"] = torch.stack([e.pixel_values for e in examples])
+        batch["image_windows"] = torch.tensor([e.window for e in examples], dtype=torch.float32)
+        if any(e.depth is not None for e in examples):
+            s = examples[0].pixel_values.shape[-1]
+            batch["depth"] = torch.stack([e.depth if e.depth is not None else torch.zeros(1, s, s)
+                                          for e in examples])
     batch["keys"] = [e.key for e in examples]
     batch["corpora"] = [e.corpus for e in examples]
     batch["tasks"] = [e.task for e in examples]

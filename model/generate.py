@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from model.gr3d import GR3DModel
+from model.imaging import ImagePolicy
+from model.tiling import Grid, tiles_per_image
 from model.tokenizer import DEFAULT_SYSTEM, encode_prompt
-from model.vision import letterbox_window, preprocess_depth, preprocess_image
 from schemas import grammar
 
-__all__ = ["InsertedRegion", "GenerationResult", "generate", "prepare_images"]
+__all__ = ["InsertedRegion", "GenerationResult", "generate", "prepare_images", "prepare_image_batch"]
 
 LogitsProcessor = Callable[[int, list[int], torch.Tensor], torch.Tensor]
 """(batch index, token ids generated so far for it, scores (V,)) -> scores."""
@@ -65,33 +66,40 @@ class GenerationResult:
         return float(np.mean(self.token_logprobs)) if self.token_logprobs else -math.inf
 
 
-def prepare_images(model: GR3DModel, images: Any, scales: Sequence[float] | None = None,
-                   depth: Any = None, mode: str = "letterbox"
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """PIL images (+ intrinsics scales, + optional (H, W) depth arrays) or ready tensors -> model inputs.
+def prepare_image_batch(model: GR3DModel, images: Any, scales: Sequence[float | None] | None = None,
+                        depth: Any = None, mode: str | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[Grid] | None]:
+    """PIL images (+ intrinsics scales s = 1000/fx, None = unknown camera, + optional (H, W) depth arrays) or
+    ready tensors -> model inputs, by the model's image policy (`model.imaging`; `mode` overrides it).
 
-    Returns pixel_values (B, 3, S, S), windows (B, 4) or None (whole canvas), depth (B, 1, S, S) or None.
+    Returns pixel_values (T, 3, S, S), windows (T, 4) or None (whole canvas), depth (T, 1, S, S) or None, and
+    the tile grid of each image (tiles mode) or None (one canvas per image, T = B).
     """
-    cfg = model.config
     if isinstance(images, torch.Tensor):
         pix = images if images.dim() == 4 else images[None]
         dep = depth if isinstance(depth, torch.Tensor) or depth is None else torch.stack(list(depth))
-        return pix, None, dep
+        return pix, None, dep, None
     images = list(images)
     if images and isinstance(images[0], torch.Tensor):
         dep = depth if isinstance(depth, torch.Tensor) or depth is None else torch.stack(list(depth))
-        return torch.stack(images), None, dep
-    sc = list(scales) if scales is not None else [1.0] * len(images)
-    pix = torch.stack([preprocess_image(im, s, cfg.image_size, mode, cfg.image_mean, cfg.image_std)
-                       for im, s in zip(images, sc)])
-    win = torch.tensor([letterbox_window(im.width, im.height, cfg.image_size, s, mode) for im, s in zip(images, sc)])
-    dep = None
-    if depth is not None:
-        if isinstance(depth, torch.Tensor):
-            dep = depth
-        else:
-            dep = torch.stack([preprocess_depth(d, s, cfg.image_size, mode) for d, s in zip(depth, sc)])
-    return pix, win, dep
+        return torch.stack(images), None, dep, None
+    policy = ImagePolicy.from_config(model.config, mode)
+    sc = list(scales) if scales is not None else [None] * len(images)
+    deps = list(depth) if depth is not None and not isinstance(depth, torch.Tensor) else [None] * len(images)
+    preps = [policy.prepare(im, s, d) for im, s, d in zip(images, sc, deps)]
+    pix = torch.cat([p.pixels for p in preps])
+    win = torch.tensor([w for p in preps for w in p.windows], dtype=torch.float32)
+    dep = depth if isinstance(depth, torch.Tensor) else None
+    if depth is not None and dep is None:
+        dep = torch.cat([p.depth for p in preps])  # type: ignore[misc]
+    return pix, win, dep, ([p.grid for p in preps] if policy.mode == "tiles" else None)
+
+
+def prepare_images(model: GR3DModel, images: Any, scales: Sequence[float | None] | None = None,
+                   depth: Any = None, mode: str | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`prepare_image_batch` without the tile grids: pixel_values, windows, depth (one canvas per image)."""
+    return prepare_image_batch(model, images, scales, depth, mode)[:3]
 
 
 def _choose(scores: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
@@ -110,14 +118,15 @@ def _choose(scores: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
 @torch.no_grad()
 def generate(model: GR3DModel, images: Any, prompts: Sequence[str], max_new_tokens: int = 256,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             scales: Sequence[float] | None = None, depth: Any = None, image_windows: torch.Tensor | None = None,
+             scales: Sequence[float | None] | None = None, depth: Any = None,
+             image_windows: torch.Tensor | None = None,
              system: str | None = DEFAULT_SYSTEM, generator: torch.Generator | None = None,
              logits_processor: LogitsProcessor | None = None, output_logits: bool = False,
              tokenizer: Any = None, prefixes: Sequence[str] | None = None) -> list[GenerationResult]:
     """Generate answers for a batch of (image, prompt) pairs with streaming region insertion.
 
-    images: PIL images (preprocessed with `scales`, default 1) or a tensor (B, 3, S, S) already
-    preprocessed (then `image_windows` may give the content rectangles). Prompts are user texts; a
+    images: PIL images (prepared by the model's image policy with `scales`, s = 1000/fx, default unknown) or
+    a tensor (B, 3, S, S) already preprocessed (then `image_windows` may give the content rectangles). Prompts are user texts; a
     `<bbox>..</bbox><region>` in a prompt is a region prompt. `prefixes` (one per prompt) start the
     assistant's answer (teacher forcing, e.g. the reasoning up to a mention to ground); their grounded
     boxes get region embeddings like the prompt's, and the result text excludes them.
@@ -132,16 +141,19 @@ def generate(model: GR3DModel, images: Any, prompts: Sequence[str], max_new_toke
     model.eval()
     tid = model.config.token_ids
     dev = model.device
-    pix, win, dep = prepare_images(model, images, scales, depth)
+    pix, win, dep, grids = prepare_image_batch(model, images, scales, depth)
     if image_windows is not None:
         win = torch.as_tensor(image_windows, dtype=torch.float32)
-    if pix.shape[0] != len(prompts):
-        raise ValueError(f"{pix.shape[0]} images for {len(prompts)} prompts")
+    n_img = len(grids) if grids is not None else pix.shape[0]
+    if n_img != len(prompts):
+        raise ValueError(f"{n_img} images for {len(prompts)} prompts")
     visual = model.encode_images(pix, dep.to(dev) if dep is not None else None,
-                                 win.to(dev) if win is not None else None)
+                                 win.to(dev) if win is not None else None, grids)
 
     # ---- prefill (left padded)
-    enc = [encode_prompt(tok, p, model.config.num_image_tokens, system=system) for p in prompts]
+    n_tok = model.config.num_image_tokens
+    counts = [[n_tok] * tiles_per_image(g) for g in grids] if grids is not None else [n_tok] * len(prompts)
+    enc = [encode_prompt(tok, p, c, system=system) for p, c in zip(prompts, counts)]
     if prefixes is not None:
         if len(prefixes) != len(prompts):
             raise ValueError(f"{len(prefixes)} prefixes for {len(prompts)} prompts")

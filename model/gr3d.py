@@ -28,6 +28,7 @@ from model.config import GR3DConfig
 from model.projector import DownsampleProjector
 from model.region import RegionEncoder
 from model.spatial_pe import SpatialPositionEncoding
+from model.tiling import Grid, pool_regions, tiles_per_image
 from model.vision import VisionTower
 
 __all__ = ["GR3DModel", "GR3DOutput", "VisualFeatures", "IGNORE_INDEX", "BoxesLike", "collate_conversations"]
@@ -41,11 +42,19 @@ class VisualFeatures:
     """What the image encoder produced for a batch; kept (cached) during generation for region pooling."""
 
     feature_map: torch.Tensor
-    """(B, G, G, Cv) vision features with spatial PE added (what regions are pooled from)."""
+    """(T, G, G, Cv) vision features with spatial PE added (what regions are pooled from), one per canvas."""
     tokens: torch.Tensor
-    """(B, N, H) projected visual tokens."""
+    """(T, N, H) projected visual tokens; an image's tokens are those of its canvases in order."""
     windows: torch.Tensor
-    """(B, 4) content rectangle of each image inside its canvas, normalized (x0, y0, x1, y1)."""
+    """(T, 4) content rectangle of the original image in each canvas, normalized (x0, y0, x1, y1)."""
+    grids: list[Grid] | None = None
+    """Tile grid (rows, cols) of each image (`model.tiling`); None: one canvas per image (T = B)."""
+
+    def tokens_per_image(self) -> list[int]:
+        n = self.tokens.shape[1]
+        if self.grids is None:
+            return [n] * self.tokens.shape[0]
+        return [n * tiles_per_image(g) for g in self.grids]
 
 
 def collate_conversations(encoded: Sequence[Any], pad_id: int) -> dict[str, Any]:
@@ -100,22 +109,34 @@ class GR3DModel(nn.Module):
         return next(self.llm.parameters()).dtype
 
     def encode_images(self, pixel_values: torch.Tensor, depth: torch.Tensor | None = None,
-                      image_windows: torch.Tensor | None = None) -> VisualFeatures:
-        """Vision tower -> + spatial PE -> projector. `image_windows` defaults to the whole canvas."""
+                      image_windows: torch.Tensor | None = None,
+                      image_grids: Sequence[Grid] | None = None) -> VisualFeatures:
+        """Vision tower -> + spatial PE -> projector, per canvas (T canvases; `image_grids` says how many
+        belong to each image: NVILA tiles). `image_windows` defaults to the whole canvas."""
         b = pixel_values.shape[0]
+        grids = [(int(g[0]), int(g[1])) for g in image_grids] if image_grids is not None else None
+        groups = None
+        if grids is not None:
+            counts = [tiles_per_image(g) for g in grids]
+            if sum(counts) != b:
+                raise ValueError(f"{b} canvases for tile grids {grids} ({sum(counts)} canvases)")
+            groups = torch.repeat_interleave(torch.arange(len(grids)), torch.tensor(counts))
         vdtype = next(self.vision.parameters()).dtype
         fmap = self.vision(pixel_values.to(device=self.device, dtype=vdtype))
         if image_windows is None:
             image_windows = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=fmap.device).expand(b, 4)
         windows = torch.as_tensor(image_windows, dtype=torch.float32, device=fmap.device).reshape(b, 4)
-        pe = self.spatial_pe(fmap.shape[1], windows, depth)
+        pe = self.spatial_pe(fmap.shape[1], windows, depth, groups)
         fmap = fmap.to(pe.dtype) + pe
         tokens = self.projector(fmap.to(self.projector.layers[1].weight.dtype))
-        return VisualFeatures(fmap, tokens, windows)
+        return VisualFeatures(fmap, tokens, windows, grids)
 
     def region_embeddings(self, visual: VisualFeatures, boxes: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
         """Embeddings (n, H) of boxes normalized to their original images (grammar coordinates)."""
         boxes = torch.as_tensor(boxes, dtype=torch.float32, device=visual.feature_map.device).reshape(-1, 4)
+        if visual.grids is not None:  # tiles: pool each image's stitched map (or its one canvas)
+            pooled = pool_regions(visual.feature_map, visual.windows, visual.grids, boxes, image_index)
+            return self.region_encoder.mlp(pooled.to(self.region_encoder.mlp[1].weight.dtype))
         w = visual.windows[image_index]
         scale = torch.stack([w[:, 2] - w[:, 0], w[:, 3] - w[:, 1]] * 2, dim=1)
         offset = torch.stack([w[:, 0], w[:, 1]] * 2, dim=1)
@@ -137,10 +158,9 @@ class GR3DModel(nn.Module):
             raise ValueError("<image> tokens present but no pixel_values / visual features given")
         if visual is not None and "image" in tid:
             img_mask = ids == tid["image"]
-            counts = img_mask.sum(dim=1)
-            n_tok = visual.tokens.shape[1]
-            if not torch.all(counts == n_tok):
-                raise ValueError(f"each sample needs exactly {n_tok} image tokens, got {counts.tolist()}")
+            counts = img_mask.sum(dim=1).tolist()
+            if counts != visual.tokens_per_image():
+                raise ValueError(f"samples need {visual.tokens_per_image()} image tokens, got {counts}")
             emb = emb.masked_scatter(img_mask[..., None], visual.tokens.to(emb.dtype).reshape(-1, emb.shape[-1]))
         if "region" not in tid:
             return emb
@@ -183,14 +203,16 @@ class GR3DModel(nn.Module):
                 region_boxes: Sequence[BoxesLike] | None = None, depth: torch.Tensor | None = None,
                 image_windows: torch.Tensor | None = None,
                 region_detach: Sequence[Sequence[bool] | torch.Tensor] | None = None,
-                position_ids: torch.Tensor | None = None) -> GR3DOutput:
+                position_ids: torch.Tensor | None = None, image_grids: Sequence[Grid] | None = None) -> GR3DOutput:
         """Teacher-forced forward (training and the full-sequence reference of the generation loop).
 
         input_ids/labels: right-padded (B, L) from `model.tokenizer.encode_conversation`; region_detach
-        defaults to "detach the regions that sit in assistant turns" when labels are given.
+        defaults to "detach the regions that sit in assistant turns" when labels are given. With
+        `image_grids` (tiles), pixel_values/image_windows/depth hold every image's canvases in order.
         """
         ids = input_ids.to(self.device)
-        visual = self.encode_images(pixel_values, depth, image_windows) if pixel_values is not None else None
+        visual = (self.encode_images(pixel_values, depth, image_windows, image_grids)
+                  if pixel_values is not None else None)
         if region_detach is None and labels is not None and "region" in self.config.token_ids:
             region_detach = self.regions_in_response(ids, labels.to(self.device), self.config.token_ids["region"])
         emb = self.embed_inputs(ids, visual, region_boxes, region_detach)

@@ -33,8 +33,13 @@ def sinusoid(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(a), torch.cos(a)], dim=-1)
 
 
-def token_relative_depth(depth: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depth canvas (B, 1, S, S) -> per-token relative depth (B, G, G) in [0, 1] and a validity mask."""
+def token_relative_depth(depth: torch.Tensor, grid: int,
+                         groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth canvas (B, 1, S, S) -> per-token relative depth (B, G, G) in [0, 1] and a validity mask.
+
+    `groups` (B,): canvases with the same id are tiles of one image and share its min-max (default: each
+    canvas is its own image).
+    """
     d = depth.float()
     valid = (d > 0) & torch.isfinite(d)
     d = torch.where(valid, d, torch.zeros_like(d))
@@ -46,8 +51,14 @@ def token_relative_depth(depth: torch.Tensor, grid: int) -> tuple[torch.Tensor, 
     tok_valid = (cnt > 0)[:, 0]
     mean_log = mean_log[:, 0]
     big = torch.finfo(mean_log.dtype).max
-    lo = torch.where(tok_valid, mean_log, torch.full_like(mean_log, big)).amin(dim=(1, 2), keepdim=True)
-    hi = torch.where(tok_valid, mean_log, torch.full_like(mean_log, -big)).amax(dim=(1, 2), keepdim=True)
+    lo = torch.where(tok_valid, mean_log, torch.full_like(mean_log, big)).amin(dim=(1, 2))
+    hi = torch.where(tok_valid, mean_log, torch.full_like(mean_log, -big)).amax(dim=(1, 2))
+    if groups is not None:  # min / max over all canvases (tiles) of the same image
+        g = groups.to(lo.device).long()
+        n = int(g.max()) + 1
+        lo = torch.full((n,), big, dtype=lo.dtype, device=lo.device).scatter_reduce(0, g, lo, "amin")[g]
+        hi = torch.full((n,), -big, dtype=hi.dtype, device=hi.device).scatter_reduce(0, g, hi, "amax")[g]
+    lo, hi = lo[:, None, None], hi[:, None, None]
     rel = ((mean_log - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
     rel = torch.where(tok_valid, rel, torch.zeros_like(rel))
     return rel, tok_valid
@@ -70,11 +81,13 @@ class SpatialPositionEncoding(nn.Module):
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
-    def forward(self, grid: int, windows: torch.Tensor, depth: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, grid: int, windows: torch.Tensor, depth: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
         """Encodings (B, G, G, dim) for a G x G patch grid.
 
-        windows: (B, 4) content rectangle of each image in the normalized canvas (x0, y0, x1, y1).
-        depth: optional (B, 1, S, S) depth canvas aligned with the pixels (0 where unknown).
+        windows: (B, 4) content rectangle of each image in the normalized canvas (x0, y0, x1, y1); for a
+        tile it extends past the tile, so (u, v) stay original-image coordinates. depth: optional (B, 1, S, S)
+        depth canvas aligned with the pixels (0 where unknown); groups: image id of each canvas (tiles).
         """
         b = windows.shape[0]
         dev = windows.device
@@ -89,7 +102,7 @@ class SpatialPositionEncoding(nn.Module):
         if depth is None:
             feats.append(no_depth)
         else:
-            rel, ok = token_relative_depth(depth.to(dev), grid)
+            rel, ok = token_relative_depth(depth.to(dev), grid, groups)
             feats.append(torch.where(ok[..., None], sinusoid(rel, freqs), no_depth))
         x = torch.cat(feats, dim=-1).to(self.mlp[0].weight.dtype)
         return self.mlp(x)

@@ -208,14 +208,16 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
-def encode_conversation(tokenizer: Any, turns: Sequence[Mapping[str, str]], num_image_tokens: int,
+def encode_conversation(tokenizer: Any, turns: Sequence[Mapping[str, str]], num_image_tokens: int | Sequence[int],
                         system: str | None = DEFAULT_SYSTEM, add_generation_prompt: bool = False,
                         with_image: bool = True) -> EncodedConversation:
     """Input ids and labels of a conversation in NVILA's chat format.
 
     With `with_image`, the single `<image>` placeholder (prepended as `<image>\\n` to the first user turn
     when no turn has one) is expanded to `num_image_tokens` ids; the model overwrites them with the visual
-    tokens. Region boxes come from the text via `schemas.grammar.find_grounded`.
+    tokens. A sequence of counts (NVILA tiles) expands to each tile's ids with a newline between tiles, as
+    NVILA ends every tile's features with "\n" (the text's own newline after `<image>` ends the last).
+    Region boxes come from the text via `schemas.grammar.find_grounded`.
     """
     tid = gr3d_token_ids(tokenizer)
     msgs = normalize_turns(turns)
@@ -260,12 +262,15 @@ def encode_conversation(tokenizer: Any, turns: Sequence[Mapping[str, str]], num_
 
     if with_image:
         pos = ids.index(tid["image"])
-        ids[pos:pos + 1] = [tid["image"]] * num_image_tokens
-        labels[pos:pos + 1] = [IGNORE_INDEX] * num_image_tokens
+        counts = [num_image_tokens] if isinstance(num_image_tokens, int) else list(num_image_tokens)
+        sep = _ids(tokenizer, "\n")
+        expanded = [t for i, n in enumerate(counts) for t in (sep if i else []) + [tid["image"]] * n]
+        ids[pos:pos + 1] = expanded
+        labels[pos:pos + 1] = [IGNORE_INDEX] * len(expanded)
     return EncodedConversation(ids, labels, boxes, in_resp)  # type: ignore[arg-type]
 
 
-def encode_prompt(tokenizer: Any, prompt: str, num_image_tokens: int, system: str | None = DEFAULT_SYSTEM,
+def encode_prompt(tokenizer: Any, prompt: str, num_image_tokens: int | Sequence[int], system: str | None = DEFAULT_SYSTEM,
                   with_image: bool = True) -> EncodedConversation:
     """A single user prompt followed by the assistant generation prefix (what `generate` prefills)."""
     return encode_conversation(tokenizer, [{"from": "human", "value": prompt}], num_image_tokens, system=system,

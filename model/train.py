@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.build import build_model
 from model.data import ExampleSpec, TrainLoader, parse_mix
 from model.train_config import TrainConfig, config_to_dict
 from shards import interrupt
@@ -135,7 +136,7 @@ class TrainStep(nn.Module):
         out = m(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                 attention_mask=batch["attention_mask"], labels=batch["labels"], region_boxes=batch["region_boxes"],
                 region_detach=batch["region_detach"], image_windows=batch["image_windows"],
-                depth=batch.get("depth"))
+                depth=batch.get("depth"), image_grids=batch.get("image_grids"))
         loss_sum = out.loss * out.num_loss_tokens
         region_trains = any(p.requires_grad for p in m.region_encoder.parameters())
         has_grad_region = any(not d for ds in batch["region_detach"] for d in ds)
@@ -156,25 +157,6 @@ def count_loss_tokens(batch: dict[str, Any], token_ids: dict[str, int]) -> int:
             lab[ids == token_ids[name]] = -100
     lab[batch["attention_mask"] == 0] = -100
     return int(lab[:, 1:].ne(-100).sum())
-
-
-def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The preset (random, seeded) or a checkpoint (`model.init`), in the configured dtype, on `device`."""
-    from model.checkpoint import build_gr3d_8b, build_tiny_model, load_pretrained
-    from model.tokenizer import build_tiny_tokenizer
-
-    dtype = getattr(torch, cfg.model.dtype)
-    torch.manual_seed(cfg.seed)
-    if cfg.model.init:
-        model = load_pretrained(cfg.model.init, dtype=dtype, seed=cfg.seed,
-                                attn_implementation=cfg.model.attn_implementation)
-    elif cfg.model.preset in ("tiny", "small"):
-        model = build_tiny_model(seed=cfg.seed, image_size=cfg.model.image_size,
-                                 attn_implementation=cfg.model.attn_implementation, preset=cfg.model.preset)
-    else:  # random gr3d-8b (benchmarks): grammar tokens from the tiny tokenizer fit in Qwen2's vocabulary
-        model = build_gr3d_8b(device=device, tokenizer=build_tiny_tokenizer(), dtype=dtype)
-        model.llm.config._attn_implementation = cfg.model.attn_implementation
-    return model.to(device=device, dtype=dtype)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -44,9 +44,17 @@ class ModelArgs:
     """Recompute activations of the trainable transformer blocks in backward (memory for compute)."""
     attn_implementation: str = "sdpa"
     image_mode: str = "letterbox"
+    """Images -> encoder inputs (model.imaging): letterbox | stretch (one canvas, s fixes only the aspect),
+    focal (resize by canvas_focal/fx, centre pad/crop: the CPU presets' camera normalization) | tiles (NVILA
+    dynamic tiling of the s-scaled image, gr3d-8b). Recorded in the checkpoint; evaluation follows it."""
+    canvas_focal: float = 0.0
+    """focal mode: focal length in encoder pixels every camera is rescaled to (S / (2 tan(hfov/2)) fits hfov)."""
+    min_tiles: int = 1
+    """tiles mode: fewest tiles (NVILA 1)."""
+    max_tiles: int = 12
+    """tiles mode: most tiles (NVILA 12), plus a thumbnail when more than one."""
     train_vision: bool = False
     """Also train the vision encoder in stage 1 (for a random-weight preset; a pretrained SigLIP stays frozen)."""
-    """Fit of the s-scaled image into the encoder square: letterbox | stretch (model.vision)."""
 
 
 @dataclass
@@ -71,6 +79,11 @@ class DataArgs:
     """Comma-separated conversation tasks to train on; empty = the stage's (`model.data.STAGE_TASKS`)."""
     blind: bool = False
     """Replace every image (and depth) by a constant: the blind baseline of bench/learning.py."""
+    box_jitter: float = 0.0
+    """Jitter region-prompt 2D boxes by up to this fraction of their size in training (model.augment); 0 = off."""
+    det3d_answer: str = "grounded"
+    """detect_3d answers: grounded (2D box + region, then 3D box) | direct (3D boxes only). Recorded in the
+    checkpoint; the detect_3d evaluation decodes and parses that form."""
 
     @property
     def task_list(self) -> tuple[str, ...] | None:
@@ -133,7 +146,13 @@ class TrainConfig:
             (self.stage in (1, 2), "stage must be 1 or 2"),
             (self.model.preset in ("tiny", "small", "gr3d-8b"), "model.preset must be tiny, small or gr3d-8b"),
             (self.model.dtype in ("float32", "bfloat16"), "model.dtype must be float32 or bfloat16"),
-            (self.model.image_mode in ("letterbox", "stretch"), "model.image_mode must be letterbox or stretch"),
+            (self.model.image_mode in ("letterbox", "stretch", "focal", "tiles"),
+             "model.image_mode must be letterbox, stretch, focal or tiles"),
+            (self.model.image_mode != "focal" or self.model.canvas_focal > 0,
+             "model.image_mode focal needs model.canvas_focal > 0 (encoder pixels)"),
+            (1 <= self.model.min_tiles <= self.model.max_tiles, "need 1 <= model.min_tiles <= model.max_tiles"),
+            (0.0 <= self.data.box_jitter < 0.5, "data.box_jitter must be in [0, 0.5)"),
+            (self.data.det3d_answer in ("grounded", "direct"), "data.det3d_answer must be grounded or direct"),
             (self.distributed in ("auto", "none", "ddp", "fsdp"), "distributed must be auto|none|ddp|fsdp"),
             (self.max_steps >= 0 and self.epochs > 0, "max_steps >= 0 and epochs > 0"),
             (self.grad_accum >= 1 and self.data.batch_size >= 1, "grad_accum and data.batch_size >= 1"),

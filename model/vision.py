@@ -8,9 +8,8 @@ Preprocessing policy (`preprocess_image`), one tile:
    Both steps are composed into one resampling, so pixels are resampled once.
 The content rectangle inside the square (`letterbox_window`) is given to the model so that pixel-coordinate
 position encodings and region pooling use coordinates normalized to the *original image*, as the grammar's
-boxes are. What is not done: NVILA's dynamic tiling (up to 12 tiles of 448 + a thumbnail, tile grid chosen
-from the s-scaled size). With a single tile, step 1 only fixes the aspect ratio; s changes the resolution
-the encoder sees only once tiling exists.
+boxes are. With a single canvas, step 1 only fixes the aspect ratio. The other image modes (a fixed-focal
+canvas, NVILA dynamic tiling) and the dispatch between them are in `model.imaging`.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ def test_paper_stage_hyperparameters_in_8b_configs() -> None:
     for c in (s1, s2):
         assert c.optim.warmup_ratio == 0.03 and c.optim.grad_clip == 1.0
         assert c.model.preset == "gr3d-8b" and c.distributed == "fsdp" and c.model.gradient_checkpointing
+        assert c.model.image_mode == "tiles" and c.model.max_tiles == 12  # NVILA dynamic tiling
     assert "pointmap" not in s2.data.mix  # no stage-2 task in the point-map corpus
 
 

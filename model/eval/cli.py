@@ -173,10 +173,10 @@ def _generate_predictions(args: argparse.Namespace, gt: Any, out: Path) -> list[
 
     factory = None
     if args.constrained:
-        from model.constrained import GrammarConstraint
+        from model.constrained import GrammarConstraint, detect_kind
 
-        def factory() -> Any:
-            return GrammarConstraint(model.tokenizer, "detect", max_items=args.max_objects)
+        def factory() -> Any:  # the answer form the checkpoint was trained on (grounded or direct 3D)
+            return GrammarConstraint(model.tokenizer, detect_kind(model.config), max_items=args.max_objects)
 
     preds = predict_omni3d(
         model,

@@ -137,13 +137,14 @@ def eval_detect3d(model: Any, gt: GroundTruthSet, image_root: str | Path, constr
                   batch_size: int = 16, max_new_tokens: int = 300, max_items: int = 3,
                   progress: Progress = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """detect_3d with the Omni3D protocol: (metrics, per-image predictions)."""
+    from model.constrained import detect_kind
     from model.eval.io import parse_predictions
     from model.eval.omni3d_ap import evaluate
     from model.eval.predict import predict_omni3d
 
     preds = predict_omni3d(model, gt.prediction_jobs(), image_root, max_new_tokens=max_new_tokens,
                            batch_size=batch_size, progress=progress,
-                           logits_processor_factory=(lambda: _constraint(model, "detect", True, max_items))
+                           logits_processor_factory=(lambda: _constraint(model, detect_kind(model.config), True, max_items))
                            if constrained else None)
     res = evaluate(gt, parse_predictions(preds, gt))
     o = res["overall"]

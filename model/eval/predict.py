@@ -4,7 +4,9 @@ GR3D has no detection head: per image it is asked, once per category present in 
 (target-aware, as in the paper's Omni3D evaluation), to detect all objects of that category. Its
 answer lists objects as `<bbox>[..]</bbox><region><3d_box ...></3d_box>`. Each 3D box becomes one
 detection; its confidence is the mean log-probability of the tokens that spell the object (from its
-2D box to the end of its 3D box), so objects the model is unsure of rank lower. When the token
+2D box to the end of its 3D box), so objects the model is unsure of rank lower. A model trained on direct-3D
+answers (`GR3DConfig.det3d_answer == "direct"`) writes only the 3D boxes; each then has no 2D box and
+`answer_to_instances` uses its projected corners. When the token
 pieces do not line up with the text (a tokenizer that does not decode piecewise), the answer-level
 mean log-probability is used for all its objects.
 
