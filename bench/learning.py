@@ -24,6 +24,8 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,28 @@ def prepare(work: Path, scenes: int, views: int, width: int, height: int) -> tup
     return world, builds
 
 
+def setup(work: Path, quick: bool, steps: int | None, sets: Sequence[str]) -> tuple[Path, Path, str, int, list[str]]:
+    """World and builds (made or reused) and the training recipe: (world, builds, config, steps, overrides).
+
+    Full: 400 scenes x 2 views at 320x240 and the `small` recipe. Quick: 5 scenes at 160x120, the `tiny` model
+    for a few steps (plumbing only). `sets` are KEY=VALUE training overrides added to every run.
+    """
+    if quick:
+        world, builds = prepare(work, scenes=5, views=2, width=160, height=120)
+        config, steps = "tiny", steps or 3
+        overrides = ["--data.mix", "det3d@0.5,pointmap@0.2,cot@0.3",
+                     "--data.tasks", "region_to_3d,detect_3d,point_3d,grounded_cot", "--model.train_vision", "true",
+                     "--data.batch_size", "4", "--data.num_workers", "0", "--checkpoint_every", "0",
+                     "--threads", "1", "--data.max_seq_len", "512"]
+    else:
+        world, builds = prepare(work, scenes=400, views=2, width=320, height=240)
+        config, steps, overrides = "small", steps or 0, []
+    for kv in sets:
+        k, _, v = kv.partition("=")
+        overrides += [f"--{k}", v]
+    return world, builds, config, steps, overrides
+
+
 def train_run(builds: Path, out: Path, config: str, seed: int, steps: int, blind: bool,
               overrides: list[str]) -> float:
     """One training run in a fresh process (its own torch threads); skipped when OUT/final exists."""
@@ -77,6 +101,49 @@ def train_run(builds: Path, out: Path, config: str, seed: int, steps: int, blind
     print("$ " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of an experiment: its folder name under WORK/runs, seed and extra overrides.
+
+    The learning bench, the ablations (`bench/ablations.py`) and the noise curve (`bench/noise_impact.py`)
+    are grids of these over the same world and builds, so a run another bench already finished is reused.
+    """
+
+    name: str
+    seed: int
+    blind: bool = False
+    overrides: tuple[str, ...] = ()
+
+
+def train_all(specs: Sequence[RunSpec], builds: Path, runs: Path, config: str, steps: int,
+              base_overrides: Sequence[str], parallel: int) -> float:
+    """Train every unfinished run, up to `parallel` processes at once (each 1 torch thread + a loader worker)."""
+    t0 = time.perf_counter()
+    pending = [r for r in specs if not (runs / r.name / "final" / "gr3d_config.json").is_file()]
+    while pending:
+        batch, pending = pending[:parallel], pending[parallel:]
+        procs = [subprocess.Popen(_train_cmd(builds, runs / r.name, config, r.seed, steps, r.blind,
+                                             [*base_overrides, *r.overrides]),
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)}) for r in batch]
+        for pr in procs:
+            if pr.wait() != 0:
+                raise SystemExit(f"training failed: {' '.join(map(str, pr.args))}")
+    return time.perf_counter() - t0
+
+
+def evaluate_all(jobs: Sequence[tuple[Path, Path, bool]], world: Path, builds: Path, eval_images: int,
+                 grounding: int, threads: int, parallel: int) -> list[dict[str, Any]]:
+    """`evaluate_run` of every (run folder, result file, constrained), `parallel` processes at once."""
+    args = [(run, world, builds, result, c, eval_images, grounding, threads) for run, result, c in jobs]
+    if parallel > 1 and sum(not result.is_file() for _, result, _ in jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(_evaluate_star, args))
+    return [evaluate_run(*x) for x in args]
 
 
 def evaluate_run(run: Path, world: Path, builds: Path, result: Path, constrained: bool, eval_images: int,
@@ -172,54 +239,24 @@ def main(argv: list[str] | None = None) -> int:
     work: Path = a.work.resolve()
     t_start = time.time()
     load0 = os.getloadavg()
-    if a.quick:
-        world, builds = prepare(work, scenes=5, views=2, width=160, height=120)
-        config, steps = "tiny", a.steps or 3
-        overrides = ["--data.mix", "det3d@0.5,pointmap@0.2,cot@0.3",
-                     "--data.tasks", "region_to_3d,detect_3d,point_3d,grounded_cot", "--model.train_vision", "true",
-                     "--data.batch_size", "4", "--data.num_workers", "0", "--checkpoint_every", "0",
-                     "--threads", "1", "--data.max_seq_len", "512"]
-        eval_images, grounding = min(a.eval_images, 2), min(a.grounding, 4)
-        report = a.report or work / "learning.md"
-    else:
-        world, builds = prepare(work, scenes=400, views=2, width=320, height=240)
-        config, steps, overrides = "small", a.steps or 0, []
-        eval_images, grounding = a.eval_images, a.grounding
-        report = a.report or ROOT / "bench" / "learning.md"
-    for kv in a.set:
-        k, _, v = kv.partition("=")
-        overrides += [f"--{k}", v]
+    world, builds, config, steps, overrides = setup(work, a.quick, a.steps, a.set)
+    eval_images, grounding = (min(a.eval_images, 2), min(a.grounding, 4)) if a.quick else (a.eval_images, a.grounding)
+    report = a.report or (work / "learning.md" if a.quick else ROOT / "bench" / "learning.md")
     results = work / "results"
     prior = prior_result(world, builds, results / "prior.json", eval_images, grounding)
 
     rows: dict[str, list[dict[str, Any]]] = {"image (constrained)": [], "image (free decoding)": [],
                                              "blind (constrained)": [], "category prior": [prior]}
-    runs = [(v, seed, work / "runs" / f"{v}_s{seed}") for seed in a.seeds for v in ("image", "blind")]
-    t0 = time.perf_counter()
-    pending = [r for r in runs if not (r[2] / "final" / "gr3d_config.json").is_file()] if not a.report_only else []
-    # up to --parallel training processes at once (each: 1 torch thread + its DataLoader worker)
-    while pending:
-        batch, pending = pending[:a.parallel], pending[a.parallel:]
-        procs = [subprocess.Popen(_train_cmd(builds, run, config, seed, steps, v == "blind", overrides),
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)}) for v, seed, run in batch]
-        for pr in procs:
-            if pr.wait() != 0:
-                raise SystemExit(f"training failed: {' '.join(map(str, pr.args))}")
-    train_s = {"all runs": time.perf_counter() - t0}
-    evals = [(v, seed, run, c) for v, seed, run in runs for c in ((True, False) if v == "image" else (True,))]
+    specs = [RunSpec(f"{v}_s{seed}", seed, v == "blind") for seed in a.seeds for v in ("image", "blind")]
+    train_s = {"all runs": 0.0 if a.report_only else
+               train_all(specs, builds, work / "runs", config, steps, overrides, a.parallel)}
+    evals = [(r.name.split("_s")[0], r.seed, work / "runs" / r.name, c) for r in specs
+             for c in ((True, False) if not r.blind else (True,))]
     if a.report_only:  # only what is already evaluated
         evals = [e for e in evals if (results / f"{e[0]}_s{e[1]}_{'constrained' if e[3] else 'free'}.json").is_file()]
-    args = [(run, world, builds, results / f"{v}_s{seed}_{'constrained' if c else 'free'}.json", c, eval_images,
-             grounding, a.threads) for v, seed, run, c in evals]
     t0 = time.perf_counter()
-    if a.parallel > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(a.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-            outs = list(pool.map(_evaluate_star, args))
-    else:
-        outs = [evaluate_run(*x) for x in args]
+    outs = evaluate_all([(run, results / f"{v}_s{seed}_{'constrained' if c else 'free'}.json", c)
+                         for v, seed, run, c in evals], world, builds, eval_images, grounding, a.threads, a.parallel)
     train_s["all evaluations"] = time.perf_counter() - t0
     for (v, seed, _, c), r in zip(evals, outs):
         rows[f"{v} ({'constrained' if c else 'free decoding'})"].append(r)

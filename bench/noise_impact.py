@@ -1,24 +1,26 @@
 """What annotation noise costs: cot corpora at several noise levels -> audit -> train -> held-out scores.
 
 Why: the GR3D paper leaves the effect of its auto-annotation noise unquantified. On the sample world the
-truth is known, so the simulated annotators (annotators/sim.py) can make the same corpus at chosen noise
-levels, the audit measures each corpus's precision, and a model trained on each is scored on a held-out
-world. One run = (noise level, verify on/off, seed):
+truth is known, so the simulated annotators (annotators/sim.py) can make the same grounded-CoT corpus at
+chosen noise levels, the audit measures each corpus's precision, and a model trained on each is scored on
+the held-out scenes. Everything but the cot corpus is the learning bench's (`bench/learning.py`): the same
+world, det3d and point-map builds, recipe, steps and held-out evaluation (`model.eval.heldout`: 2D grounding
+Acc@0.5 on the held-out oracle cot build, detect_3d AP15 with the Omni3D protocol). The clean level is the
+learning bench's own oracle-annotated run (`image_s{seed}`), reused, not retrained.
 
-    builds/cot (gr3d build cot --tagger sim [--verifier sim|none] --noise-scale L --sim-seed S)
-    -> audit/audit.json (measured corpus precision / recall)
-    -> train/ (gr3d train --config PRESET, same steps and mix for every run, seed S)
-    -> held-out 2D grounding Acc@0.5 (first question of each held-out RefSpatial record, i-th box of the
-       answer vs the i-th true mention box of that turn; no box = wrong) and detect_3d AP15 (gr3d eval det3d
-       on the held-out world's Omni3D files)
-    -> runs/NAME/result.json
+One run = (noise level, verify on/off, seed); the seed drives both the simulated errors and training:
 
-Resumable: a run whose result.json exists is skipped (and each step inside it resumes too). At the end
-every result.json is gathered into OUT/noise_impact.json and OUT/noise_impact.png (metric vs measured
-corpus precision, mean over seeds with min-max bars).
+    WORK/noise/cot_L{level}_{v|nv}_s{seed}   gr3d build cot --tagger sim --verifier sim|none --noise-scale L
+    WORK/noise/audit_...                      gr3d audit (measured precision / recall against the truth)
+    WORK/runs/noise_L..._s{seed}              gr3d train (recipe mixture with this cot build)
+    WORK/results/noise_L..._s{seed}.json      held-out grounding + detect_3d
 
-    .venv/bin/python -m bench.noise_impact --quick --out /tmp/noise     # plumbing check (test suite)
-    .venv/bin/python -m bench.noise_impact --preset small --levels 0,1,2,4 --seeds 0,1 --out bench/noise_out
+Resumable: every build, audit, training run and evaluation is skipped when its output exists. At the end
+the results are gathered into noise_impact.json and noise_impact.png (metric vs measured corpus precision,
+mean over seeds with min-max bars): bench/ in full mode, WORK in quick mode.
+
+    .venv/bin/python -m bench.noise_impact --quick --work /tmp/noise     # plumbing check (test suite)
+    .venv/bin/python -m bench.noise_impact --parallel 2                   # the curve (after bench.learning)
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-COT_FILES = ["RefSpatial/3D/reasoning_template_qa.json", "RefSpatial/3D/choice_qa.json"]
+from bench.learning import ROOT, RunSpec, evaluate_all, setup, train_all
+
+COT_MIX_NAME = "cot"
+"""Name of the cot corpus in the recipe's mixture; each noise run swaps in its own build at the same weight."""
 
 
 def _cli(argv: list[str]) -> None:
@@ -41,94 +46,49 @@ def _cli(argv: list[str]) -> None:
         raise SystemExit(f"noise_impact: `gr3d {' '.join(argv)}` failed with exit code {rc}")
 
 
-def _world(out: Path, scenes: int, views: int, seed: int, size: tuple[int, int]) -> Path:
-    if not (out / "sample_world.json").exists():
-        _cli(["sample-world", "--out", str(out), "--scenes", str(scenes), "--views", str(views), "--seed", str(seed),
-              "--width", str(size[0]), "--height", str(size[1])])
-    return out
+def recipe_mix(config: str, overrides: list[str]) -> str:
+    """The training mixture the runs use: `--data.mix` of the overrides, else the config's."""
+    if "--data.mix" in overrides:
+        return overrides[len(overrides) - 1 - overrides[::-1].index("--data.mix") + 1]
+    from model.train_config import load_config
+
+    return load_config(config).data.mix
 
 
-def heldout_grounding(checkpoint: Path, world: Path, max_new_tokens: int, limit: int | None) -> dict[str, Any]:
-    """Acc@0.5 of the boxes the model writes when answering the held-out world's first questions."""
-    from PIL import Image
-
-    from annotators.oracle import load_ground_truth
-    from model.checkpoint import load_pretrained
-    from model.eval.ground2d import grounding_accuracy
-    from model.generate import generate
-    from pipelines.corpora.cot.builder import iter_inputs, resolve_refspatial_files
-    from pipelines.corpora.cot.text import _clean_human
-    from schemas.grammar import find_grounded
-
-    gt = load_ground_truth(world / "ground_truth.json")
-    by_turn: dict[str, list[Any]] = {}
-    for g in gt.values():
-        if g.turn == 1:
-            by_turn.setdefault(g.record_id, []).append(g)
-    items = [it for it in iter_inputs({"files": resolve_refspatial_files(COT_FILES, world)})
-             if "read_reject" not in it and it["id"] in by_turn]
-    items.sort(key=lambda it: it["id"])
-    if limit is not None:
-        items = items[:limit]
-    model = load_pretrained(checkpoint)
-    refs: dict[str, list[float]] = {}
-    preds: dict[str, list[float] | None] = {}
-    n_malformed = 0
-    for it in items:
-        with Image.open(it["image_paths"][0]) as im:
-            img, (w, h) = im.convert("RGB"), im.size
-        question = _clean_human(it["conversations"][0]["value"], False, True)
-        text = generate(model, [img], [question], max_new_tokens=max_new_tokens)[0].text
-        try:
-            boxes = [list(b.box) for b in find_grounded(text)]
-        except ValueError:
-            boxes, n_malformed = [], n_malformed + 1
-        for i, g in enumerate(sorted(by_turn[it["id"]], key=lambda g: g.start)):
-            x1, y1, x2, y2 = g.box_xyxy_px
-            refs[f"{it['id']}/{i}"] = [x1 / w, y1 / h, x2 / w, y2 / h]
-            preds[f"{it['id']}/{i}"] = boxes[i] if i < len(boxes) else None
-    res = grounding_accuracy(preds, refs)
-    return {"accuracy": res["accuracy"], "n": res["n"], "n_missing": res["n_missing"],
-            "mean_iou": res["mean_iou"], "n_records": len(items), "n_malformed_answers": n_malformed}
+def with_cot(mix: str, cot: Path) -> str:
+    """`mix` with its cot corpus replaced by the build at `cot` (same weight)."""
+    items = []
+    for item in mix.split(","):
+        name, _, w = item.strip().partition("@")
+        items.append(f"{cot}@{w}" if name == COT_MIX_NAME else item.strip())
+    if not any(i.startswith(str(cot)) for i in items):
+        raise SystemExit(f"noise_impact: the recipe's mixture {mix!r} has no {COT_MIX_NAME!r} corpus to swap")
+    return ",".join(items)
 
 
-def run_one(args: argparse.Namespace, name: str, level: float, verify: bool, seed: int, world: Path,
-            heldout: Path, det3d: Path) -> dict[str, Any]:
-    """One (level, verify, seed) run; returns (and writes) its result.json."""
-    d = args.out / "runs" / name
-    result_path = d / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
-    t0 = time.perf_counter()
-    cot = d / "cot"
-    _cli(["build", "cot", "--refspatial", *COT_FILES, "--data-root", str(world), "--out", str(cot),
-          "--tagger", "sim", "--verifier", "sim" if verify else "none", "--noise-scale", str(level),
-          "--sim-seed", str(seed), "--allow-partial", "--executor", "local", "--quiet"])
-    _cli(["audit", str(cot), "--out", str(d / "audit"), "--gallery", "0"])
-    audit = json.loads((d / "audit" / "audit.json").read_text())["agreement"]
-    g = audit["ground_truth"]
-    run = d / "train"
-    _cli(["train", "--config", args.preset, "--resume", "auto", "--seed", str(seed), "--stage", "2",
-          "--data.root", str(args.out), "--data.mix", f"{det3d}@{args.mix[0]},{cot}@{args.mix[1]}",
-          "--data.num_workers", "0", "--max_steps", str(args.steps), "--checkpoint_every", str(args.steps),
-          "--out", str(run)])
-    ground = heldout_grounding(run / "final", heldout, args.max_new_tokens, args.limit_eval)
-    omni = sorted((heldout / "Omni3D").glob("*.json"))
-    ev = d / "eval"
-    argv = ["eval", "det3d", "--gt", *map(str, omni), "--checkpoint", str(run / "final"),
-            "--image-root", str(heldout), "--max-new-tokens", str(args.max_new_tokens), "--out", str(ev)]
-    if args.limit_eval is not None:
-        argv += ["--limit-images", str(args.limit_eval)]
-    _cli(argv)
-    overall = json.loads((ev / "det3d_eval.json").read_text())["overall"]
-    res = {"name": name, "noise_scale": level, "verify": verify, "seed": seed, "preset": args.preset,
-           "steps": args.steps, "corpus": {"n_written_mentions": g["n_written"], "precision": g["precision"],
-                                           "precision_ci": g["precision_ci"], "recall": g["recall"],
-                                           "verifier_accuracy": (audit.get("verifier") or {}).get("accuracy")},
-           "ground2d": ground, "detect3d": {"AP15": overall.get("AP15"), "AP3D": overall.get("AP3D")},
-           "seconds": round(time.perf_counter() - t0, 1)}
-    result_path.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
-    return res
+def build_and_audit(world: Path, noise: Path, name: str, level: float, verify: bool, seed: int) -> dict[str, Any]:
+    """The cot corpus of one noise setting and its audit against the truth (both skipped when done)."""
+    from pipelines.sample_world.splits import split_inputs
+
+    cot, audit = noise / f"cot_{name}", noise / f"audit_{name}"
+    if not (cot / "manifest.json").is_file():
+        _cli(["build", "cot", "--refspatial", *split_inputs(world, "train")["refspatial"], "--data-root", str(world),
+              "--image-root", "sample_world", "--depth-root", "RefSpatial/3D/depth", "--ground-truth",
+              str(world / "ground_truth.json"), "--tagger", "sim", "--verifier", "sim" if verify else "none",
+              "--noise-scale", str(level), "--sim-seed", str(seed), "--allow-partial", "--executor", "local",
+              "--chunk-size", "200", "--quiet", "--out", str(cot)])
+    return _audit(cot, audit, world)
+
+
+def _audit(cot: Path, audit: Path, world: Path) -> dict[str, Any]:
+    if not (audit / "audit.json").is_file():
+        _cli(["audit", str(cot), "--out", str(audit), "--gallery", "0", "--no-verify",
+              "--ground-truth", str(world / "ground_truth.json")])
+    agreement = json.loads((audit / "audit.json").read_text())["agreement"]
+    g = agreement["ground_truth"]
+    return {"build": str(cot), "n_written_mentions": g["n_written"], "precision": g["precision"],
+            "precision_ci": g["precision_ci"], "recall": g["recall"],
+            "verifier_accuracy": (agreement.get("verifier") or {}).get("accuracy")}
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -141,30 +101,31 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
-def summarize(out: Path) -> dict[str, Any]:
-    """Every runs/*/result.json -> noise_impact.json and noise_impact.png."""
+def summarize(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Per-run rows -> noise_impact.json (runs + per-setting table) and noise_impact.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
     groups: dict[tuple[float, bool], list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["noise_scale"], r["verify"]), []).append(r)
-    table = []
+
     def stat(rs: list[dict[str, Any]], get: Any) -> dict[str, float | None]:
         v = [x for x in (get(r) for r in rs) if x is not None and x == x]
         return {"mean": float(np.mean(v)), "min": float(min(v)), "max": float(max(v))} if v else \
             {"mean": None, "min": None, "max": None}
 
-    for (level, verify), rs in sorted(groups.items()):
-        table.append({"noise_scale": level, "verify": verify, "seeds": sorted(r["seed"] for r in rs),
-                      "precision": stat(rs, lambda r: r["corpus"]["precision"]),
-                      "ground2d_acc": stat(rs, lambda r: r["ground2d"]["accuracy"]),
-                      "detect3d_ap15": stat(rs, lambda r: r["detect3d"]["AP15"])})
+    table = [{"noise_scale": level, "verify": verify, "seeds": sorted(r["seed"] for r in rs),
+              "precision": stat(rs, lambda r: r["corpus"]["precision"]),
+              "recall": stat(rs, lambda r: r["corpus"]["recall"]),
+              "ground2d_acc": stat(rs, lambda r: r["ground2d"]["accuracy"]),
+              "detect3d_ap15": stat(rs, lambda r: r["detect3d"]["AP15"])}
+             for (level, verify), rs in sorted(groups.items())]
     doc = _nan_to_none({"runs": runs, "table": table})
+    out.mkdir(parents=True, exist_ok=True)
     (out / "noise_impact.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in ((axes[0], "ground2d_acc", "held-out 2D grounding Acc@0.5"),
@@ -176,8 +137,8 @@ def summarize(out: Path) -> dict[str, Any]:
                 continue
             x = [t["precision"]["mean"] for t in rows]
             y = [t[metric]["mean"] for t in rows]
-            err = [[t[metric]["mean"] - t[metric]["min"] for t in rows], [t[metric]["max"] - t[metric]["mean"]
-                                                                         for t in rows]]
+            err = [[t[metric]["mean"] - t[metric]["min"] for t in rows],
+                   [t[metric]["max"] - t[metric]["mean"] for t in rows]]
             ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label="verify" if verify else "no verify")
             for t, xi, yi in zip(rows, x, y):
                 ax.annotate(f"x{t['noise_scale']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -192,42 +153,63 @@ def summarize(out: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("noise_impact_out"))
+    p.add_argument("--work", type=Path, default=ROOT / "out" / "learning",
+                   help="the learning bench's work folder (world, builds, runs are shared; default out/learning)")
     p.add_argument("--quick", action="store_true",
-                   help="plumbing check: tiny worlds, two levels (0, 2), verify on/off, one seed, 4 steps")
-    p.add_argument("--preset", default="tiny", help="training config name or YAML (tiny; small for the curve)")
-    p.add_argument("--levels", default="0,1,2,4", help="noise scales (0 = oracle, 1 = realistic default)")
+                   help="plumbing check: tiny world, tiny model, a few steps, levels 0 and 2, one seed")
+    p.add_argument("--levels", default="0,1,2,4", help="noise scales (0 = the clean oracle corpus, 1 = realistic)")
     p.add_argument("--verify", default="on,off", help="verify stage: on, off or on,off")
-    p.add_argument("--seeds", default="0,1", help="seeds (sim errors and training)")
-    p.add_argument("--steps", type=int, default=300, help="training steps of every run")
-    p.add_argument("--mix", default="0.5,0.5", help="det3d,cot mixture weights")
-    p.add_argument("--scenes", type=int, default=12)
-    p.add_argument("--views", type=int, default=3)
-    p.add_argument("--heldout-scenes", type=int, default=4)
-    p.add_argument("--size", default="320x240", help="image size WxH of the worlds")
-    p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--limit-eval", type=int, default=None, help="held-out records / images per evaluation")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.levels, args.verify, args.seeds, args.steps = "0,2", "on,off", "0", 4
-        args.scenes, args.views, args.heldout_scenes, args.size = 2, 2, 1, "160x120"
-        args.max_new_tokens, args.limit_eval = 24, 2
-    args.mix = [float(x) for x in args.mix.split(",")]
-    size = tuple(int(x) for x in args.size.split("x"))
-    args.out = args.out.resolve()
-    world = _world(args.out / "world_train", args.scenes, args.views, 0, size)
-    heldout = _world(args.out / "world_heldout", args.heldout_scenes, args.views, 1, size)
-    det3d = args.out / "det3d"
-    _cli(["build", "det3d", "--sample-world", str(world), "--out", str(det3d), "--executor", "local", "--quiet"])
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for level in (float(x) for x in args.levels.split(",")):
-            for verify in (v == "on" for v in args.verify.split(",")):
-                name = f"L{level:g}_{'v' if verify else 'nv'}_s{seed}"
-                r = run_one(args, name, level, verify, seed, world, heldout, det3d)
-                print(f"{name}: precision {r['corpus']['precision']}, ground2d {r['ground2d']['accuracy']}, "
-                      f"AP15 {r['detect3d']['AP15']} ({r['seconds']} s)", flush=True)
-    summarize(args.out)
-    print(f"wrote {args.out / 'noise_impact.json'} and {args.out / 'noise_impact.png'}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (sim errors and training)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the recipe's)")
+    p.add_argument("--eval-images", type=int, default=40, help="held-out images scored by detect_3d")
+    p.add_argument("--grounding", type=int, default=150, help="held-out grounded-CoT mentions scored")
+    p.add_argument("--parallel", type=int, default=1, help="training runs (then evaluations) at once")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where noise_impact.json/.png go (default: bench/ in full mode, WORK in quick mode)")
+    a = p.parse_args(argv)
+    work: Path = a.work.resolve()
+    world, builds, config, steps, overrides = setup(work, a.quick, a.steps, a.set)
+    eval_images, grounding = (min(a.eval_images, 2), min(a.grounding, 4)) if a.quick else (a.eval_images, a.grounding)
+    if a.quick:
+        a.levels, a.seeds = "0,2", [0]
+    out = a.out or (work if a.quick else ROOT / "bench")
+    mix = recipe_mix(config, overrides)
+    noise = work / "noise"
+    settings = [(float(x), v == "on") for x in a.levels.split(",") for v in a.verify.split(",")]
+    settings = [s for i, s in enumerate(settings) if s[0] > 0 or s not in settings[:i]]
+    rows: list[tuple[str, float, bool, int, dict[str, Any]]] = []
+    specs: list[RunSpec] = []
+    clean = _audit(builds / "cot", noise / "audit_clean", world)
+    for seed in a.seeds:
+        for level, verify in settings:
+            if level == 0:  # the clean corpus is the learning bench's oracle build; its runs are image_s{seed}
+                rows.append((f"image_s{seed}", level, verify, seed, clean))
+                specs.append(RunSpec(f"image_s{seed}", seed))
+                continue
+            name = f"L{level:g}_{'v' if verify else 'nv'}_s{seed}"
+            corpus = build_and_audit(world, noise, name, level, verify, seed)
+            rows.append((f"noise_{name}", level, verify, seed, corpus))
+            specs.append(RunSpec(f"noise_{name}", seed,
+                                 overrides=("--data.mix", with_cot(mix, Path(corpus["build"])))))
+    t0 = time.perf_counter()
+    train_all(list(dict.fromkeys(specs)), builds, work / "runs", config, steps, overrides, a.parallel)
+    train_s = time.perf_counter() - t0
+    results = work / "results"
+    jobs = list(dict.fromkeys((work / "runs" / r[0], results / f"{r[0]}_constrained.json", True) for r in rows))
+    evaluate_all(jobs, world, builds, eval_images, grounding, 1, a.parallel)
+    runs = []
+    for run, level, verify, seed, corpus in rows:
+        res = json.loads((results / f"{run}_constrained.json").read_text())
+        runs.append({"name": f"L{level:g}_{'v' if verify else 'nv'}_s{seed}", "run": run, "noise_scale": level,
+                     "verify": verify, "seed": seed, "config": config, "steps": steps or "recipe",
+                     "corpus": {k: v for k, v in corpus.items() if k != "build"},
+                     "ground2d": {"accuracy": res["grounding"]["acc50"], "n": res["grounding"]["n"]},
+                     "detect3d": {"AP15": res["detect3d"]["AP15"], "AP3D": res["detect3d"]["AP3D"]}})
+        print(f"{runs[-1]['name']}: precision {corpus['precision']}, grounding Acc@0.5 {res['grounding']['acc50']}, "
+              f"detect_3d AP15 {res['detect3d']['AP15']}", flush=True)
+    summarize(runs, out)
+    print(f"wrote {out / 'noise_impact.json'} and {out / 'noise_impact.png'} (training {train_s:.0f} s)")
     return 0
 
 

@@ -1,8 +1,9 @@
 """bench/noise_impact.py's quick mode: the plumbing of the noise -> model-quality curve, not its numbers.
 
-Two noise levels (0 = oracle, 2 = twice the default) with and without the verify stage, on tiny worlds,
-4 steps of the tiny preset each: every run builds, audits, trains and is scored on the held-out world;
-the results are gathered with a plot; a re-run skips the finished runs.
+Two noise levels (0 = the learning bench's clean oracle corpus, 2 = twice the default) with and without the
+verify stage, on the learning bench's tiny world, a few steps of the tiny preset: every noisy setting builds
+its own cot corpus, audits it, trains and is scored on the held-out scenes; the clean level reuses the
+learning bench's image run; the results are gathered with a plot; a re-run skips everything finished.
 """
 
 from __future__ import annotations
@@ -16,23 +17,37 @@ import pytest
 from bench import noise_impact
 
 
+def test_with_cot_swaps_only_the_cot_corpus(tmp_path: Path) -> None:
+    mix = noise_impact.with_cot("det3d@0.55,pointmap@0.15,cot@0.3", tmp_path / "cot_L1")
+    assert mix == f"det3d@0.55,pointmap@0.15,{tmp_path / 'cot_L1'}@0.3"
+    with pytest.raises(SystemExit, match="no 'cot' corpus"):
+        noise_impact.with_cot("det3d@1", tmp_path / "x")
+    assert noise_impact.recipe_mix("small", []) == "det3d@0.55,pointmap@0.15,cot@0.3"
+    assert noise_impact.recipe_mix("small", ["--data.mix", "a@1", "--seed", "3"]) == "a@1"
+
+
 @pytest.mark.slow
 def test_quick_mode_builds_audits_trains_scores_and_resumes(tmp_path: Path) -> None:
-    out = tmp_path / "noise"
-    assert noise_impact.main(["--quick", "--out", str(out)]) == 0
-    doc = json.loads((out / "noise_impact.json").read_text())
+    work = tmp_path / "work"
+    assert noise_impact.main(["--quick", "--work", str(work)]) == 0
+    doc = json.loads((work / "noise_impact.json").read_text())
     runs = {r["name"]: r for r in doc["runs"]}
     assert sorted(runs) == ["L0_nv_s0", "L0_v_s0", "L2_nv_s0", "L2_v_s0"]
-    assert runs["L0_v_s0"]["corpus"]["precision"] == 1.0 == runs["L0_nv_s0"]["corpus"]["precision"]
+    assert runs["L0_v_s0"]["run"] == runs["L0_nv_s0"]["run"] == "image_s0"  # the clean corpus is trained once
+    assert runs["L0_v_s0"]["corpus"]["precision"] == 1.0
     assert runs["L2_nv_s0"]["corpus"]["precision"] < 1.0  # the injected noise reaches the corpus
+    assert runs["L2_v_s0"]["run"] != runs["L2_nv_s0"]["run"]
     for r in runs.values():
-        assert r["preset"] == "tiny" and r["steps"] == 4
+        assert r["config"] == "tiny"
         assert r["ground2d"]["n"] > 0 and 0.0 <= r["ground2d"]["accuracy"] <= 1.0
         assert r["detect3d"]["AP15"] is None or 0.0 <= r["detect3d"]["AP15"] <= 100.0
-        assert (out / "runs" / r["name"] / "train" / "final").is_dir()
-    assert len(doc["table"]) == 4 and (out / "noise_impact.png").stat().st_size > 1000
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
+        assert (work / "runs" / r["run"] / "final" / "gr3d_config.json").is_file()
+    cfg = json.loads((work / "runs" / "noise_L2_v_s0" / "config.json").read_text())
+    assert "cot_L2_v_s0@" in cfg["data"]["mix"] and "cot_L2_v_s0" not in json.dumps(
+        json.loads((work / "runs" / "image_s0" / "config.json").read_text()))
+    assert len(doc["table"]) == 4 and (work / "noise_impact.png").stat().st_size > 1000
+    stamps = {p: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")}
     t0 = time.perf_counter()
-    assert noise_impact.main(["--quick", "--out", str(out)]) == 0
-    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")} == stamps  # skipped
+    assert noise_impact.main(["--quick", "--work", str(work)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")} == stamps  # skipped
     assert time.perf_counter() - t0 < 60
