@@ -21,3 +21,25 @@ def sample_world(tmp_path_factory: pytest.TempPathFactory) -> SampleWorld:
     root = tmp_path_factory.mktemp("sample_world")
     manifest = generate(root, **SAMPLE_WORLD_ARGS)
     return SampleWorld(root, manifest)
+
+
+@pytest.fixture(scope="session")
+def quick_learning_inputs(tmp_path_factory: pytest.TempPathFactory):
+    """The learning benches' quick world and train/held-out builds, made once per session (read-only)."""
+    from bench.learning import setup
+
+    work = tmp_path_factory.mktemp("quick_learning_inputs")
+    setup(work, True, None, [])
+    return work
+
+
+@pytest.fixture
+def quick_learning_work(quick_learning_inputs, tmp_path):
+    """A fresh learning-bench work folder whose world and builds are hard links of the session's quick ones."""
+    import os
+    import shutil
+
+    work = tmp_path / "work"
+    for part in ("world", "builds"):
+        shutil.copytree(quick_learning_inputs / part, work / part, copy_function=os.link)
+    return work

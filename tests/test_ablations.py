@@ -18,10 +18,10 @@ def test_mix_without_drops_or_swaps_one_corpus() -> None:
 
 
 @pytest.mark.slow
-def test_quick_rows_train_score_and_report(tmp_path: Path) -> None:
-    work = tmp_path / "work"
+def test_quick_rows_train_score_and_report(quick_learning_work: Path) -> None:
+    work = quick_learning_work
     rows = ",".join(ablations.ROWS)
-    assert ablations.main(["--quick", "--work", str(work), "--seeds", "0", "--rows", rows]) == 0
+    assert ablations.main(["--quick", "--work", str(work), "--seeds", "0", "--rows", rows, "--parallel", "2"]) == 0
     builds = work / "builds"
     full, half = list(BuildLayout(builds / "pointmap").done_shards()), list(BuildLayout(builds / "pointmap_half").done_shards())
     assert half == full[: max(1, len(full) // 2)]

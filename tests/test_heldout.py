@@ -66,10 +66,10 @@ def test_region3d_scoring_exact_answers_and_prior(world):
     assert prior["n_parsed"] <= prior["n"] and 0.0 <= prior["median_rel_depth_error"] < 1.0
 
 
-def test_learning_bench_quick_end_to_end(tmp_path):
+def test_learning_bench_quick_end_to_end(quick_learning_work):
     from bench import learning
 
-    work = tmp_path / "q"
+    work = quick_learning_work
     assert learning.main(["--quick", "--work", str(work), "--seeds", "0"]) == 0
     res = work / "results"
     names = sorted(p.name for p in res.glob("*.json"))

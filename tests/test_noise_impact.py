@@ -27,9 +27,9 @@ def test_with_cot_swaps_only_the_cot_corpus(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_quick_mode_builds_audits_trains_scores_and_resumes(tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    assert noise_impact.main(["--quick", "--work", str(work)]) == 0
+def test_quick_mode_builds_audits_trains_scores_and_resumes(quick_learning_work: Path) -> None:
+    work = quick_learning_work
+    assert noise_impact.main(["--quick", "--work", str(work), "--parallel", "2"]) == 0
     doc = json.loads((work / "noise_impact.json").read_text())
     runs = {r["name"]: r for r in doc["runs"]}
     assert sorted(runs) == ["L0_nv_s0", "L0_v_s0", "L2_nv_s0", "L2_v_s0"]
@@ -48,6 +48,6 @@ def test_quick_mode_builds_audits_trains_scores_and_resumes(tmp_path: Path) -> N
     assert len(doc["table"]) == 4 and (work / "noise_impact.png").stat().st_size > 1000
     stamps = {p: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")}
     t0 = time.perf_counter()
-    assert noise_impact.main(["--quick", "--work", str(work)]) == 0
+    assert noise_impact.main(["--quick", "--work", str(work), "--parallel", "2"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")} == stamps  # skipped
     assert time.perf_counter() - t0 < 60
