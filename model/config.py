@@ -127,44 +127,39 @@ class GR3DConfig:
         return cls.from_dict(json.loads((Path(directory) / CONFIG_FILE).read_text()))
 
 
+def _vision(hidden: int, intermediate: int, layers: int, heads: int, image_size: int) -> dict[str, Any]:
+    """SiglipVisionConfig kwargs: patch 14, no pooling head (NVILA takes patch features)."""
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                image_size=image_size, patch_size=14, vision_use_head=False, layer_norm_eps=1e-6,
+                hidden_act="gelu_pytorch_tanh")
+
+
+def _llm(vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, max_positions: int,
+         rope_theta: float, token_ids: dict[str, int] | None) -> dict[str, Any]:
+    """Qwen2Config kwargs: untied embeddings, no BOS, EOS/pad from the tokenizer's ids."""
+    return dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta}, rms_norm_eps=1e-6,
+                tie_word_embeddings=False, bos_token_id=None,
+                eos_token_id=(token_ids or {}).get("eos"), pad_token_id=(token_ids or {}).get("pad"))
+
+
 def tiny_config(vocab_size: int, token_ids: dict[str, int] | None = None, image_size: int = 112) -> GR3DConfig:
     """Really tiny: a few hundred CPU training steps take seconds. Random weights."""
-    return GR3DConfig(
-        preset="tiny",
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    image_size=image_size, patch_size=14, vision_use_head=False, layer_norm_eps=1e-6,
-                    hidden_act="gelu_pytorch_tanh"),
-        llm=dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-6,
-                 tie_word_embeddings=False, bos_token_id=None,
-                 eos_token_id=(token_ids or {}).get("eos"), pad_token_id=(token_ids or {}).get("pad")),
-        pe_num_freqs=8,
-        pe_max_log2_freq=4.0,
-        token_ids=dict(token_ids or {}),
-    )
+    return GR3DConfig(preset="tiny", vision=_vision(32, 64, 2, 2, image_size),
+                      llm=_llm(vocab_size, 64, 128, 2, 4, 2, 1024, 10000.0, token_ids),
+                      pe_num_freqs=8, pe_max_log2_freq=4.0, token_ids=dict(token_ids or {}))
 
 
 def small_config(vocab_size: int, token_ids: dict[str, int] | None = None, image_size: int = 168) -> GR3DConfig:
-    """CPU-trainable: learns the sample world on 2 cores in minutes (bench/learning.md says why these sizes).
+    """CPU-trainable: the sample world's learning bench on 2 cores (bench/learning.md says why these sizes).
 
     168 px / patch 14 = a 12x12 feature map (16 visual tokens after the 3x3 fold); SigLIP 96-d x 3 layers,
-    Qwen2 192-d x 4 layers (6 heads of 32, 2 KV heads), the tiny offline tokenizer. About 2.4M parameters.
+    Qwen2 192-d x 4 layers (6 heads of 32, 2 KV heads), the tiny offline tokenizer. About 2.5M parameters.
     """
-    return GR3DConfig(
-        preset="small",
-        vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-                    image_size=image_size, patch_size=14, vision_use_head=False, layer_norm_eps=1e-6,
-                    hidden_act="gelu_pytorch_tanh"),
-        llm=dict(vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-6,
-                 tie_word_embeddings=False, bos_token_id=None,
-                 eos_token_id=(token_ids or {}).get("eos"), pad_token_id=(token_ids or {}).get("pad")),
-        pe_num_freqs=8,
-        pe_max_log2_freq=4.0,
-        token_ids=dict(token_ids or {}),
-    )
+    return GR3DConfig(preset="small", vision=_vision(96, 192, 3, 4, image_size),
+                      llm=_llm(vocab_size, 192, 512, 4, 6, 2, 1024, 10000.0, token_ids),
+                      pe_num_freqs=8, pe_max_log2_freq=4.0, token_ids=dict(token_ids or {}))
 
 
 def gr3d_8b_config(vocab_size: int = 152064, token_ids: dict[str, int] | None = None) -> GR3DConfig:
@@ -173,20 +168,9 @@ def gr3d_8b_config(vocab_size: int = 152064, token_ids: dict[str, int] | None = 
     Vocab 152064 is Qwen2-7B's embedding size; it has ~400 unused rows beyond the Qwen2 tokenizer, so the
     grammar tokens fit without resizing.
     """
-    return GR3DConfig(
-        preset="gr3d-8b",
-        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                    image_size=448, patch_size=14, vision_use_head=False, layer_norm_eps=1e-6,
-                    hidden_act="gelu_pytorch_tanh"),
-        llm=dict(vocab_size=vocab_size, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
-                 tie_word_embeddings=False, bos_token_id=None,
-                 eos_token_id=(token_ids or {}).get("eos"), pad_token_id=(token_ids or {}).get("pad")),
-        pe_num_freqs=16,
-        pe_max_log2_freq=6.0,
-        token_ids=dict(token_ids or {}),
-    )
+    return GR3DConfig(preset="gr3d-8b", vision=_vision(1152, 4304, 27, 16, 448),
+                      llm=_llm(vocab_size, 3584, 18944, 28, 28, 4, 32768, 1000000.0, token_ids),
+                      pe_num_freqs=16, pe_max_log2_freq=6.0, token_ids=dict(token_ids or {}))
 
 
 PRESETS = {"tiny": tiny_config, "small": small_config, "gr3d-8b": gr3d_8b_config}
