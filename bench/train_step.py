@@ -2,6 +2,9 @@
 
 Run (GPU): .venv/bin/python -m bench.train_step --preset gr3d-8b --batch 2 --steps 6 --json OUT.json
 Smoke (CPU): .venv/bin/python -m bench.train_step --preset tiny --device cpu --steps 2
+NVILA tiling (the gr3d-8b recipe's `model.image_mode: tiles`): add `--tiles --image 640x480 --fx 530`: each
+sample's image is tiled as the policy does for that size and focal length (SUN RGB-D-like: 12 tiles + a
+thumbnail of 448 px, 121 tokens each), and the vision FLOPs count every tile.
 
 The step is the trainer's own (`model.train.TrainStep`, bf16 autocast, gradient checkpointing of the LLM,
 AdamW over the stage's trainable parameters, grad clip 1.0). With a single 80 GB GPU the 8B model only fits
@@ -38,7 +41,7 @@ def _peak(name: str) -> float | None:
     return None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gr3d-8b", choices=["gr3d-8b", "tiny"])
     ap.add_argument("--device", default="cuda")
@@ -47,11 +50,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+    ap.add_argument("--tiles", action="store_true", help="NVILA dynamic tiling (image_mode tiles) instead of one canvas")
+    ap.add_argument("--image", default="640x480", help="WxH of the (random) image with --tiles")
+    ap.add_argument("--fx", type=float, default=530.0, help="focal length in pixels with --tiles (s = 1000/fx)")
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     cfg = TrainConfig(stage=args.stage, model=ModelArgs(preset=args.preset, dtype=dtype,
-                                                        gradient_checkpointing=not args.no_checkpointing))
+                                                        gradient_checkpointing=not args.no_checkpointing,
+                                                        image_mode="tiles" if args.tiles else "letterbox"))
     t0 = time.perf_counter()
     model = build_model(cfg, device)
     build_s = time.perf_counter() - t0
@@ -64,11 +71,27 @@ def main() -> None:
 
     c = model.config
     rng = random.Random(0)
-    encs = [encode_conversation(model.tokenizer, _record(f"b/{i}", rng)["conversations"][0]["turns"],
-                                c.num_image_tokens) for i in range(args.batch)]
+    counts: int | list[int] = c.num_image_tokens
+    canvases = 1
+    if args.tiles:
+        from PIL import Image
+
+        from model.imaging import ImagePolicy
+
+        w, h = (int(x) for x in args.image.split("x"))
+        policy = ImagePolicy.from_config(c)
+        counts = policy.token_counts(w, h, 1000.0 / args.fx)
+        prep = policy.prepare(Image.new("RGB", (w, h), (127, 127, 127)), 1000.0 / args.fx, None)
+        canvases = prep.pixels.shape[0]
+    encs = [encode_conversation(model.tokenizer, _record(f"b/{i}", rng)["conversations"][0]["turns"], counts)
+            for i in range(args.batch)]
     batch = collate_conversations(encs, c.token_ids["pad"])
-    batch["pixel_values"] = torch.randn(args.batch, 3, c.image_size, c.image_size)
-    batch["image_windows"] = torch.tensor([[0.0, 0.125, 1.0, 0.875]] * args.batch)
+    batch["pixel_values"] = torch.randn(args.batch * canvases, 3, c.image_size, c.image_size)
+    if args.tiles:
+        batch["image_windows"] = torch.tensor(prep.windows * args.batch)
+        batch["image_grids"] = [prep.grid] * args.batch
+    else:
+        batch["image_windows"] = torch.tensor([[0.0, 0.125, 1.0, 0.875]] * args.batch)
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     tokens = int(batch["attention_mask"].sum())
 
@@ -89,12 +112,13 @@ def main() -> None:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
     dt = statistics.median(times[1:] if len(times) > 1 else times)
-    counts = model.parameter_counts()
-    flops = 8 * counts["llm"] * tokens + 2 * counts["vision"] * (c.grid ** 2) * args.batch
+    params_by = model.parameter_counts()
+    flops = 8 * params_by["llm"] * tokens + 2 * params_by["vision"] * (c.grid ** 2) * args.batch * canvases
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = _peak(name)
     res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": name, "torch": torch.__version__,
            "preset": args.preset, "stage": args.stage, "batch": args.batch, "tokens_per_step": tokens,
+           "image_mode": c.image_mode, "canvases_per_image": canvases,
            "trainable_params": n_train, "param_dtype": dtype, "gradient_checkpointing": not args.no_checkpointing,
            "build_s": build_s, "step_s_median": dt, "step_s_all": times, "tokens_per_s": tokens / dt,
            "samples_per_s": args.batch / dt, "model_tflop_per_step": flops / 1e12,
