@@ -65,6 +65,7 @@ class Interrupted(KeyboardInterrupt):
 _active: list[Callable[[int, FrameType | None], Any]] = []
 _deferring: list[bool] = []  # nesting depth of `deferred()` blocks
 _pending: list[int] = []  # signals that arrived inside them
+_fired: list[list[int]] = []  # per active `stop_on_signals` block: the signals it received, in order
 
 
 @contextmanager
@@ -93,13 +94,25 @@ def stop_on_signals() -> Iterator[None]:
 
     old = {s: signal.getsignal(s) for s in SIGNALS}
     _active.append(handler)
+    _fired.append(fired)
     try:
         _install(handler)
         yield
     finally:
         _active.remove(handler)
+        _fired.remove(fired)
         for s, h in old.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def stopping() -> int | None:
+    """The first signal the innermost `stop_on_signals` block received, or None.
+
+    Why: the `Interrupted` a signal raises can be swallowed or converted by library code it lands in (Ray
+    catches KeyboardInterrupt to cancel its tasks; its workers got the same SIGTERM and fail first), so the
+    caller sees some other error. Whoever handles that error asks this to report the stop as a stop.
+    """
+    return _fired[-1][0] if _fired and _fired[-1] else None
 
 
 @contextmanager
@@ -131,4 +144,4 @@ def _install(handler: Callable[[int, FrameType | None], Any]) -> None:
         signal.signal(s, handler)
 
 
-__all__ = ["SIGNALS", "Interrupted", "deferred", "rearm", "stop_on_signals"]
+__all__ = ["SIGNALS", "Interrupted", "deferred", "rearm", "stop_on_signals", "stopping"]

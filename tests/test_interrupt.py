@@ -258,3 +258,20 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def test_stopping_reports_a_signal_whose_interrupted_was_swallowed() -> None:
+    """Library code (Ray) can swallow the `Interrupted` a signal raised and fail otherwise; `stopping()` still
+    tells the build that it was stopped, so it ends as a stop (exit 128+sig), not as an error."""
+    from shards import interrupt
+
+    assert interrupt.stopping() is None
+    with interrupt.stop_on_signals():
+        assert interrupt.stopping() is None
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.0)  # the handler raises here
+        except interrupt.Interrupted:
+            pass  # swallowed, as Ray's cancellation path does
+        assert interrupt.stopping() == signal.SIGTERM
+    assert interrupt.stopping() is None

@@ -232,6 +232,9 @@ def _plan_and_run(builder: Builder, build_dir: Path, options: BuildOptions, inpu
             except interrupt.Interrupted as exc:
                 raise _interrupted(exc, plan, prog) from None
             except Exception as exc:
+                sig = interrupt.stopping()
+                if sig is not None:  # the executor's own error (its workers got the signal too) came first
+                    raise _interrupted(interrupt.Interrupted(sig), plan, prog) from None
                 # A worker's setup failure comes back wrapped (or as text): the worker recorded it for us.
                 # A local one is `exc` itself, unwrapped.
                 err = setup_error.take(build_dir)
