@@ -48,11 +48,9 @@ def _cli(argv: list[str]) -> None:
 
 def recipe_mix(config: str, overrides: list[str]) -> str:
     """The training mixture the runs use: `--data.mix` of the overrides, else the config's."""
-    if "--data.mix" in overrides:
-        return overrides[len(overrides) - 1 - overrides[::-1].index("--data.mix") + 1]
-    from model.train_config import load_config
+    from model.train_config import load_config, parse_override_args
 
-    return load_config(config).data.mix
+    return parse_override_args(overrides).get("data.mix") or load_config(config).data.mix
 
 
 def with_cot(mix: str, cot: Path) -> str:
