@@ -94,7 +94,7 @@ def setup(work: Path, quick: bool, steps: int | None, sets: Sequence[str]) -> tu
 def train_run(builds: Path, out: Path, config: str, seed: int, steps: int, blind: bool,
               overrides: list[str]) -> float:
     """One training run in a fresh process (its own torch threads); skipped when OUT/final exists."""
-    if (out / "final" / "gr3d_config.json").is_file():
+    if finished(out, steps):
         return 0.0
     t0 = time.perf_counter()
     cmd = _train_cmd(builds, out, config, seed, steps, blind, overrides)
@@ -117,11 +117,27 @@ class RunSpec:
     overrides: tuple[str, ...] = ()
 
 
+def finished(run: Path, steps: int) -> bool:
+    """Whether `run` holds a finished training run, refusing one trained for other than `steps` steps.
+
+    Why: benches reuse finished runs by folder name, so `--steps 1440` on a work folder holding 480-step runs
+    would otherwise report the old runs under the new budget. `steps` 0 means the recipe's own, not checked.
+    """
+    if not (run / "final" / "gr3d_config.json").is_file():
+        return False
+    cfg = run / "config.json"
+    had = json.loads(cfg.read_text()).get("max_steps") if cfg.is_file() else None
+    if steps and had is not None and had != steps:
+        raise SystemExit(f"{run} is a finished run of {had} steps, not {steps}: "
+                         "give the new budget its own run names (--tag) or another --work")
+    return True
+
+
 def train_all(specs: Sequence[RunSpec], builds: Path, runs: Path, config: str, steps: int,
               base_overrides: Sequence[str], parallel: int) -> float:
     """Train every unfinished run, up to `parallel` processes at once (each 1 torch thread + a loader worker)."""
     t0 = time.perf_counter()
-    pending = [r for r in specs if not (runs / r.name / "final" / "gr3d_config.json").is_file()]
+    pending = [r for r in specs if not finished(runs / r.name, steps)]
     while pending:
         batch, pending = pending[:parallel], pending[parallel:]
         procs = [subprocess.Popen(_train_cmd(builds, runs / r.name, config, r.seed, steps, r.blind,
@@ -233,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="training runs (then evaluations) at once, in separate processes")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra training overrides, e.g. data.batch_size=8 (recorded in the report's command)")
+    p.add_argument("--tag", default="", help="run and result names VARIANT-TAG_sSEED instead of VARIANT_sSEED, "
+                   "e.g. a longer budget beside the recipe's runs (`--steps 1440 --tag 1440`)")
     p.add_argument("--report-only", action="store_true", help="no training or evaluation: table of the finished ones")
     p.add_argument("--report", type=Path, default=None, help="markdown report (default bench/learning.md)")
     a = p.parse_args(argv)
@@ -241,13 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     world, builds, config, steps, overrides = setup(work, a.quick, a.steps, a.set)
     eval_images, grounding = (min(a.eval_images, 2), min(a.grounding, 4)) if a.quick else (a.eval_images, a.grounding)
-    report = a.report or (work / "learning.md" if a.quick else ROOT / "bench" / "learning.md")
+    report = a.report or (work if a.quick else ROOT / "bench") / (f"learning-{a.tag}.md" if a.tag else "learning.md")
     results = work / "results"
     prior = prior_result(world, builds, results / "prior.json", eval_images, grounding)
 
     rows: dict[str, list[dict[str, Any]]] = {"image (constrained)": [], "image (free decoding)": [],
                                              "blind (constrained)": [], "category prior": [prior]}
-    specs = [RunSpec(f"{v}_s{seed}", seed, v == "blind") for seed in a.seeds for v in ("image", "blind")]
+    tag = f"-{a.tag}" if a.tag else ""
+    if "_s" in tag:
+        p.error("--tag must not contain '_s' (run names end in _sSEED)")
+    specs = [RunSpec(f"{v}{tag}_s{seed}", seed, v == "blind") for seed in a.seeds for v in ("image", "blind")]
     train_s = {"all runs": 0.0 if a.report_only else
                train_all(specs, builds, work / "runs", config, steps, overrides, a.parallel)}
     evals = [(r.name.split("_s")[0], r.seed, work / "runs" / r.name, c) for r in specs
@@ -259,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                          for v, seed, run, c in evals], world, builds, eval_images, grounding, a.threads, a.parallel)
     train_s["all evaluations"] = time.perf_counter() - t0
     for (v, seed, _, c), r in zip(evals, outs):
-        rows[f"{v} ({'constrained' if c else 'free decoding'})"].append(r)
+        rows[f"{v.split('-')[0]} ({'constrained' if c else 'free decoding'})"].append(r)
         print(f"{v} seed {seed} {'constrained' if c else 'free'}: "
               + json.dumps({k: r[k] for k in ("region3d", "detect3d", "grounding")}), flush=True)
     md = render(rows, a, work, config, steps, eval_images, grounding, load0, os.getloadavg(), t_start, train_s)

@@ -100,3 +100,14 @@ def test_learning_bench_quick_end_to_end(quick_learning_work):
     assert learning.main(["--quick", "--work", str(work), "--seeds", "0"]) == 0
     assert (work / "runs" / "image_s0" / "final" / "gr3d_config.json").stat().st_mtime_ns == stamp
     assert {p.name: p.stat().st_mtime_ns for p in res.glob("*.json")} == before
+    # another budget on the same run names is refused, not silently reported with the 3-step runs
+    with pytest.raises(SystemExit, match="finished run of 3 steps, not 5"):
+        learning.main(["--quick", "--work", str(work), "--seeds", "0", "--steps", "5"])
+    with pytest.raises(SystemExit):
+        learning.main(["--quick", "--work", str(work), "--seeds", "0", "--tag", "x_s"])
+    # ... and a tagged budget trains beside them, in its own runs, results and report
+    assert learning.main(["--quick", "--work", str(work), "--seeds", "0", "--steps", "4", "--tag", "4"]) == 0
+    assert json.loads((work / "runs" / "image-4_s0" / "config.json").read_text())["max_steps"] == 4
+    assert (res / "image-4_s0_constrained.json").is_file() and (res / "blind-4_s0_constrained.json").is_file()
+    assert "| image (constrained) | 1 |" in (work / "learning-4.md").read_text()
+    assert {p.name: p.stat().st_mtime_ns for p in res.glob("*.json") if p.name in before} == before
