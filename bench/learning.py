@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="training runs (then evaluations) at once, in separate processes")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra training overrides, e.g. data.batch_size=8 (recorded in the report's command)")
+    p.add_argument("--variants", default="image,blind", help="which models to train: image, blind or both")
     p.add_argument("--tag", default="", help="run and result names VARIANT-TAG_sSEED instead of VARIANT_sSEED, "
                    "e.g. a longer budget beside the recipe's runs (`--steps 1440 --tag 1440`)")
     p.add_argument("--report-only", action="store_true", help="no training or evaluation: table of the finished ones")
@@ -268,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"-{a.tag}" if a.tag else ""
     if "_s" in tag:
         p.error("--tag must not contain '_s' (run names end in _sSEED)")
-    specs = [RunSpec(f"{v}{tag}_s{seed}", seed, v == "blind") for seed in a.seeds for v in ("image", "blind")]
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    if not variants or set(variants) - {"image", "blind"}:
+        p.error(f"--variants: image, blind or image,blind, not {a.variants!r}")
+    specs = [RunSpec(f"{v}{tag}_s{seed}", seed, v == "blind") for seed in a.seeds for v in variants]
     train_s = {"all runs": 0.0 if a.report_only else
                train_all(specs, builds, work / "runs", config, steps, overrides, a.parallel)}
     evals = [(r.name.split("_s")[0], r.seed, work / "runs" / r.name, c) for r in specs
