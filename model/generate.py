@@ -13,7 +13,8 @@ Loop, per prompt, on one shared `DynamicCache`:
 gets no region (the text keeps what was generated). Greedy or sampled (temperature, top-p).
 
 Because every sequence consumes one input per step, positions stay aligned with a single full forward over
-the final sequence; tests check that the per-step logits equal it within 1e-4.
+the final sequence; tests check that the per-step logits equal it within 1e-4 (one canvas per image, and NVILA
+tiles with different grids in one batch).
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ from PIL import Image
 from model.checkpoint import build_tiny_model, load_pretrained, save_pretrained
 from model.generate import generate
 from model.gr3d import IGNORE_INDEX, collate_conversations
-from model.tokenizer import build_tiny_tokenizer, encode_conversation, encode_prompt
+from model.tokenizer import build_tiny_tokenizer, encode_conversation
 from schemas import grammar
+from tests.generation_ref import forced, reference_logits
 
 torch.set_num_threads(2)
 
@@ -120,36 +121,6 @@ def test_stage_gradients_prompt_regions_train_inserted_regions_detached(model):
     assert g["llm"] > 0 and g["region_encoder"] == g["projector"] == g["spatial_pe"] == g["vision"] == 0
 
 
-def _forced(tok, scripts):
-    """A logits processor that forces each batch item's script (then EOS), ignoring region slots."""
-    region = tok.convert_tokens_to_ids(grammar.REGION)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    ids = [tok.encode(s, add_special_tokens=False) + [eos] if s is not None else None for s in scripts]
-
-    def proc(b, generated, scores):
-        if ids[b] is None:
-            return scores
-        k = sum(1 for t in generated if t != region)
-        out = torch.full_like(scores, -float("inf"))
-        out[ids[b][k]] = 0.0
-        return out
-
-    return proc
-
-
-def reference_logits(model, pix, prompt, result, window=None):
-    """Full forward over prompt + generated sequence with the same regions; logits that chose each token."""
-    enc = encode_prompt(model.tokenizer, prompt, model.config.num_image_tokens)
-    ids = enc.input_ids + result.token_ids
-    boxes = list(enc.region_boxes) + [r.box for r in result.regions]
-    slots = {r.token_index for r in result.regions}
-    with torch.no_grad():
-        out = model(torch.tensor([ids]), pix[None], region_boxes=[boxes],
-                    image_windows=None if window is None else window[None])
-    pos = [len(enc.input_ids) + t - 1 for t in range(len(result.token_ids)) if t not in slots]
-    return out.logits[0, pos].float()
-
-
 def test_streaming_insertion_matches_full_forward(model):
     torch.manual_seed(0)
     tok = model.tokenizer
@@ -159,7 +130,7 @@ def test_streaming_insertion_matches_full_forward(model):
     scripts = [f"The cup {b1} and the mug {b2} are close.", "Bad <bbox>[0.1, 0.2]</bbox> box " + b1, None]
     prompts = ["Find the cups.", "Where?", PROMPT_REGION]
     res = generate(model, imgs, prompts, max_new_tokens=90, scales=[1.0, 2.0, 0.5],
-                   logits_processor=_forced(tok, scripts), output_logits=True)
+                   logits_processor=forced(tok, scripts), output_logits=True)
     assert res[0].text == scripts[0].replace("</bbox>", "</bbox><region>") and res[0].finished
     assert [r.box for r in res[0].regions] == [(0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.9, 0.6)]
     assert [r.box for r in res[1].regions] == [(0.1, 0.2, 0.3, 0.4)]  # the malformed box got no region

@@ -12,7 +12,7 @@ from model.generate import generate
 from model.gr3d import collate_conversations
 from model.tokenizer import encode_conversation
 from schemas import grammar
-from tests.test_model_gr3d import reference_logits
+from tests.generation_ref import reference_logits
 
 torch.set_num_threads(2)
 STEPS = 160

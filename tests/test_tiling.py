@@ -1,6 +1,6 @@
 """NVILA dynamic tiling (`model.tiling`, the `tiles` image mode): NVILA's grid rule and token counts, stitched
-region pooling equal to pooling the untiled map, spatial PE in original-image coordinates, and a tiny model
-that trains and generates with tiles."""
+region pooling equal to pooling the untiled map, spatial PE in original-image coordinates, a tiny model
+that trains and generates with tiles, and streaming KV-cache generation on tiles equal to the full forward."""
 
 from __future__ import annotations
 
@@ -208,3 +208,48 @@ def test_train_loop_with_tiles_records_the_policy_for_evaluation(tmp_path: Path)
     # 32 x 24 images: (1,1) is excluded, (2,2) is nearest 4:3 among 2..4 tiles: 4 tiles + thumbnail
     pix, win, _, grids = prepare_image_batch(model, [Image.new("RGB", (32, 24))], [2.0])
     assert grids == [(2, 2)] and pix.shape[0] == 5 and win.shape == (5, 4)
+
+
+def test_streaming_generation_with_tiles_matches_full_forward() -> None:
+    """KV-cache generation with streaming region insertion on tiles equals, step by step, one unpadded full
+    forward per image over the same canvases, with images of different grids in one left-padded batch
+    (27, 9, 27 and 27 image tokens, prompts of different lengths). Prompt regions and inserted regions pool
+    from the stitched tiles, one box across the tile border; images 0, 1 and 3 insert their regions at the same
+    steps, so one pooling call mixes grids and reorders its rows (image 3 shares image 0's grid)."""
+    from model.generate import generate, prepare_image_batch
+    from model.tokenizer import build_tiny_tokenizer
+    from schemas import grammar
+    from tests.generation_ref import forced, reference_logits
+
+    model = _tiles_model()
+    model.tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.spatial_pe.mlp[2].weight, std=0.5)  # make the (zero-init) PE visible
+    sizes = [(224, 112), (112, 112), (112, 224), (224, 112)]
+    imgs = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8))
+            for i, (w, h) in enumerate(sizes)]
+    scales = [1.0] * len(imgs)
+    across = grammar.format_bbox2d([0.3, 0.2, 0.8, 0.9])  # spans the 1 x 2 grid's tile border x = 0.5
+    inside = grammar.format_bbox2d([0.05, 0.1, 0.4, 0.45])
+    prompts = ["What is the 3D box of " + grammar.format_grounded([0.4, 0.3, 0.7, 0.6]) + "?", "Find the cups.",
+               "Where is " + grammar.format_grounded([0.1, 0.4, 0.9, 0.6]) + "?",
+               "Is " + grammar.format_grounded([0.45, 0.1, 0.55, 0.9]) + " a cup?"]
+    scripts = [f"The cup {across} and the mug {inside} are close.", f"The cup {inside} and the mug {across}.", None,
+               f"The cup {across} and the mug {across}!"]
+    res = generate(model, imgs, prompts, max_new_tokens=80, scales=scales,
+                   logits_processor=forced(model.tokenizer, scripts), output_logits=True)
+    pix, win, _, grids = prepare_image_batch(model, imgs, scales)
+    assert grids == [(1, 2), (1, 1), (2, 1), (1, 2)] and pix.shape[0] == 10
+    for b in (0, 1, 3):
+        assert res[b].finished and res[b].text == scripts[b].replace("</bbox>", "</bbox><region>")
+        assert [r.token_index for r in res[b].regions] == [r.token_index for r in res[0].regions]
+        assert len(res[b].regions) == 2
+    assert not res[2].finished and len(res[2].token_logprobs) == 80
+    start = 0
+    for b, grid in enumerate(grids):
+        n = tiles_per_image(grid)
+        ref = reference_logits(model, pix[start:start + n], prompts[b], res[b], win[start:start + n], grid)
+        start += n
+        assert res[b].step_logits.shape == ref.shape
+        assert (res[b].step_logits - ref).abs().max() < 1e-4, b
+    assert start == pix.shape[0]
