@@ -1,8 +1,9 @@
 """Driver CPU per input of a det3d listing and plan, phase by phase (the figures in bench/executors.md).
 
-Phases, each timed alone with `time.process_time` on the same Omni3D file: `json.load`; the Omni3D
-reader (which includes its own `json.load`: subtract the first line); det3d's trimming (`_omni3d_item`);
-encoding (`pipelines.engine.plan.encode_inputs`: pickle + zlib, sort); chunking; the plan.json digests (a
+Phases, each timed alone with `time.process_time` on the same Omni3D file: the parse
+(`load_omni3d_json`); the Omni3D reader (which includes its own parse: subtract the first figure) with
+det3d's trimming (`_omni3d_item`) apart; the whole det3d listing as a build runs it (`iter_inputs`: parse,
+reader and trimming, fused where the tree fuses them); encoding (`pipelines.engine.plan.encode_inputs`: pickle + zlib, sort); chunking; the plan.json digests (a
 serial phase before any chunk runs in a baseline tree; in the streamed plan they are computed as chunks are
 released, while the workers run). Run it
 with `PYTHONPATH` pointing at each code tree to compare them, interleaved.
@@ -19,10 +20,10 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        from pipelines.corpora.det3d.builder import _omni3d_item, omni3d_rules
+        from pipelines.corpora.det3d.builder import _omni3d_item, iter_inputs, omni3d_rules
         from pipelines.engine.plan import _encoded_chunks, encode_inputs
     except ImportError:  # a code tree from before the package restructure (a baseline)
-        from pipelines.det3d import _omni3d_item, omni3d_rules  # type: ignore[no-redef]
+        from pipelines.det3d import _omni3d_item, iter_inputs, omni3d_rules  # type: ignore[no-redef]
         from pipelines.plan import _encoded_chunks, encode_inputs  # type: ignore[no-redef]
     from pipelines.sources.omni3d import load_omni3d_json, read_omni3d
 
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     c = t()
     items = [_omni3d_item(r) for r in raw]
     t_lean = t() - c
+    del raw, items
+    cfg = {"omni3d": [f], "embodiedscan": [], "data_root": root, "convert": {}}
+    c = t()
+    items = list(iter_inputs(cfg))
+    t_list = t() - c
     c = t()
     enc = encode_inputs(items)
     t_enc = t() - c
@@ -55,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     for it in items:
         json.dumps(it, sort_keys=True, separators=(",", ":"), default=str)
     t_js = t() - c
-    ms = {k: 1e3 * v / n for k, v in dict(json=t_json, reader_incl_json=t_read, trim=t_lean, encode=t_enc,
+    ms = {k: 1e3 * v / n for k, v in dict(json=t_json, reader_incl_json=t_read, trim=t_lean,
+                                           listing=t_list, encode=t_enc,
                                            chunks=t_chunks, digests=t_dig, canonical_json_alone=t_js).items()}
     print(f"n={n} CPU ms per input: " + " ".join(f"{k} {v:.3f}" for k, v in ms.items()))
     print(f"blob bytes per input {sum(len(b) for _, b in enc.pairs) / n:.0f}")

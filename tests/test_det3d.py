@@ -591,3 +591,18 @@ def test_cli_builds_from_a_sample_world_and_stays_light(sample_world: Any, tmp_p
     assert man["config"]["convert"]["digits_3d"] == 2 and man["totals"]["n_input"] == 3
     assert main(["build", "det3d", "--omni3d", str(tmp_path / "nope.json"), "--data-root", str(tmp_path),
                  "--out", str(tmp_path / "x"), "--executor", "local", "--quiet"]) == 2
+
+
+def test_listing_items_are_the_full_reader_output_trimmed_byte_for_byte(sample_world: Any) -> None:
+    """The listing trims annotations inside the reader (`ann_fields`): each Omni3D work item must pickle to the
+    same bytes as trimming the reader's full output did (`_omni3d_item`), so plan blobs and digests stay."""
+    from pipelines.corpora.det3d.builder import _omni3d_item, list_inputs, omni3d_rules
+    from pipelines.sources import read_omni3d, split_results
+
+    b = make_builder(Det3dBuildConfig(sample_world.omni3d_files, (), sample_world.root))
+    got = list_inputs(b.config)
+    full, _ = split_results(read_omni3d([str(f) for f in sample_world.omni3d_files], b.config["data_root"],
+                                        omni3d_rules("train"), check_files=False))
+    want = [_omni3d_item(r) for r in full]
+    assert len(want) > 0 and [pickle.dumps(it, protocol=5) for it in got if "read_reject" not in it] == \
+        [pickle.dumps(it, protocol=5) for it in want]

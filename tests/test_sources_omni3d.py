@@ -173,6 +173,8 @@ def test_truncated_or_wrong_json_raises_naming_the_file(sample_world, tmp_path):
     [1.0, 2.0, 3.0], [1, 2, 3], [1.0, 2, 3.5], [1.0, 2.0], [1.0, 2.0, 3.0, 4.0], [1.0, float("nan"), 3.0],
     [1.0, float("inf"), 3.0], [True, 2.0, 3.0], ["1", 2.0, 3.0], [1.0, None, 3.0], [2**60, 1.0, 1.0],
     [10**400, 1.0, 1.0], (1.0, 2.0, 3.0), [[1.0], [2.0], [3.0]], None, "abc", [np.float64(1.0), 2.0, 3.0],
+    [1e308, 1e308, 1.0], [-1e308, -1e308, 1.0], [float("inf"), float("-inf"), 1.0], [10**300, 1, 1], [2**70, 1.0, 1.0],
+    [True, False, True], [0, 0, 0], [1.0, [2.0], 3.0], [1.0, {}, 3.0], [],
 ])
 def test_malformed_fast_path_never_changes_the_verdict(value):
     """The listing's pure-Python shape check answers "fine" only where numpy would too; else numpy decides."""
@@ -197,3 +199,45 @@ def test_malformed_fast_path_never_changes_the_verdict(value):
     if _plainly_shaped(value, (3,)):
         assert expected is None
     assert _malformed(ann) == expected
+
+
+def test_ann_fields_keep_what_trimming_the_full_annotations_keeps(sample_world, tmp_path):
+    """`read_omni3d(ann_fields=F)` is `{f: a[f] for f in F if f in a}` of each full annotation: same values,
+    same order, including "ignore"/"ignore_reasons" (the reader's, even when the file has its own) and fields
+    an annotation lacks (the det3d listing relies on it instead of copying every annotation twice)."""
+    data = json.loads(sample_world.omni3d_files[0].read_text())
+    data["annotations"][0]["ignore_reasons"] = ["from the file"]
+    data["annotations"][1].pop("visibility")
+    data["annotations"][2]["center_cam"] = [1.0, float("nan"), 2.0]
+    p = tmp_path / "Edited_train.json"
+    p.write_text(json.dumps(data))
+    fields = ("id", "category_name", "visibility", "ignore_reasons", "center_cam", "ignore", "absent")
+    full = list(read_omni3d([p], sample_world.root, TRAIN_RULES))
+    lean = list(read_omni3d([p], sample_world.root, TRAIN_RULES, ann_fields=fields))
+    want = [[{f: a[f] for f in fields if f in a} for a in it["annotations"]] for it in full]
+    got = [it["annotations"] for it in lean]
+    assert repr(got) == repr(want) and any(a for a in got)
+    assert repr([{k: v for k, v in it.items() if k != "annotations"} for it in lean]) == \
+        repr([{k: v for k, v in it.items() if k != "annotations"} for it in full])
+    reasons = {a["id"]: a["ignore_reasons"] for anns in got for a in anns}
+    assert reasons[data["annotations"][0]["id"]] != ["from the file"]
+    assert reasons[data["annotations"][2]["id"]] == ["malformed_center_cam"]
+
+
+def test_resolve_under_prefix_test_is_commonpath(tmp_path):
+    """The listing's cheap "inside the root" test gives os.path.commonpath's verdict (sibling prefixes too)."""
+    import os
+
+    from pipelines.sources.common import PathEscapesRoot, resolve_under
+
+    for root in ("/", "/data", "/data/", "/data/sets", str(tmp_path)):
+        for rel in ("a.png", "a/../b.png", "../data2/x.png", "../datasets/x", "./.", "a/./../../sets/x", "..", "x/.."):
+            base = os.path.normpath(os.path.abspath(root))
+            full = os.path.normpath(os.path.join(base, rel))
+            inside = os.path.commonpath([base, full]) == base
+            try:
+                got = resolve_under(root, rel)
+            except PathEscapesRoot:
+                assert not inside, (root, rel)
+            else:
+                assert inside and str(got) == full, (root, rel)

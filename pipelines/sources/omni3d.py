@@ -14,6 +14,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from pipelines.sources.common import (
     relative_to_root,
     resolve_under,
 )
+from pipelines.sources.json_fast import load_json_path
 from pipelines.sources.json_stream import load_object
 from schemas.camera import CameraError, validate_intrinsics
 from schemas.omni3d import (
@@ -47,16 +49,25 @@ _FILE_RE = re.compile(r"^(?P<dataset>.+)_(?P<split>train|val|test)\.json$")
 
 
 _SHAPES = {"bbox3D_cam": (8, 3), "center_cam": (3,), "dimensions": (3,), "R_cam": (3, 3)}
-_EXACT_INT = 2**53  # ints below this convert to float64 exactly (and finitely)
 
 
-def _plain_number(a: object) -> bool:
-    t = type(a)
-    return (t is float and math.isfinite(a)) or (t is int and -_EXACT_INT < a < _EXACT_INT)  # type: ignore[operator]
+def _finite_numbers(xs: object) -> bool:
+    """True when every element of the iterable `xs` is certainly a finite number (int, float or bool).
+
+    One C-level float sum instead of a Python check per element (the listing checks ~40 numbers per
+    annotation): the sum raises TypeError for a non-number (str, None, list, dict) and OverflowError for an
+    int too large for a float, and is inf or NaN whenever an element is. A finite sum of numbers therefore
+    means every element converts to a finite float64. False means "not sure" (finite values whose sum
+    overflows, huge ints): the caller's numpy check then decides.
+    """
+    try:
+        return math.isfinite(sum(xs, 0.0))  # type: ignore[call-overload]
+    except (TypeError, OverflowError):
+        return False
 
 
 def _plainly_shaped(x: object, shape: tuple[int, ...]) -> bool:
-    """True when `x` is certainly a finite float array of `shape`: nested lists of finite floats / small ints.
+    """True when `x` is certainly a finite float array of `shape`: (nested) lists of finite numbers.
 
     The fast path of `_malformed` (the driver lists every annotation; numpy per field cost ~40 % of the
     listing, bench/executors.md). False means "not sure": numpy then decides, so verdicts never change.
@@ -64,8 +75,9 @@ def _plainly_shaped(x: object, shape: tuple[int, ...]) -> bool:
     if type(x) is not list or len(x) != shape[0]:
         return False
     if len(shape) == 1:
-        return all(_plain_number(a) for a in x)
-    return all(type(r) is list and len(r) == shape[1] and all(_plain_number(a) for a in r) for r in x)
+        return _finite_numbers(x)
+    n = shape[1]
+    return all(type(r) is list and len(r) == n for r in x) and _finite_numbers(chain.from_iterable(x))
 
 
 def _malformed(ann: dict[str, Any]) -> str | None:
@@ -99,13 +111,13 @@ STREAM_ABOVE_BYTES = 256 << 20
 
 
 def load_omni3d_json(path: str | os.PathLike) -> dict[str, Any]:
-    """json.load with a clear `SourceError` for unreadable, truncated or wrongly shaped files."""
+    """json.load's value (`json_fast` or `json_stream` by size) with a clear `SourceError` for unreadable, truncated or wrongly shaped files."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            if os.fstat(fh.fileno()).st_size > STREAM_ABOVE_BYTES:  # the text is never held whole (json_stream)
+        if os.stat(path).st_size > STREAM_ABOVE_BYTES:  # the text is never held whole (json_stream)
+            with open(path, encoding="utf-8") as fh:
                 data = load_object(fh, ("images", "annotations"))
-            else:
-                data = json.load(fh)
+        else:  # json.load's values, with orjson's parser when it is certain to agree (json_fast)
+            data = load_json_path(path)
     except OSError as exc:
         raise SourceError(path, f"cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
@@ -136,6 +148,7 @@ def read_omni3d(
     data_root: str | os.PathLike,
     rules: IgnoreRules | str = "eval",
     check_files: bool = True,
+    ann_fields: Sequence[str] | None = None,
 ) -> Iterator[ReadResult]:
     """Yield one item per image of the Omni3D files (in file order), or a reject saying why not.
 
@@ -145,6 +158,9 @@ def read_omni3d(
     dataset_id, split, width, height, K (3x3 float64), src_90_rotate, src_flagged, annotations (raw fields +
     ignore, ignore_reasons). Rejects: path_escapes_root, missing_image, bad_intrinsics, bad_image_size,
     malformed_image, duplicate_image_id, orphan_annotation.
+    `ann_fields`: keep only these annotation fields (in this order; "ignore" and "ignore_reasons" may be among
+    them), as `{f: ann[f] for f in ann_fields if f in ann}` of the full annotation would: a builder that needs
+    a few fields gets them without a second copy of every annotation (the driver's listing, bench/executors.md).
     """
     if isinstance(rules, str):
         if rules not in RULE_PRESETS:
@@ -166,7 +182,7 @@ def read_omni3d(
         in_file = Counter(img.get("id") for img in data["images"] if isinstance(img, dict))
         for pos, img in enumerate(data["images"]):
             yield _read_image(img, pos, dataset, split, rel_file, data_root, rules, check_files, anns_by_image, seen,
-                              in_file)
+                              in_file, ann_fields)
         for iid, anns in anns_by_image.items():
             if iid in image_ids and not isinstance(iid, bool):
                 continue
@@ -178,7 +194,7 @@ def read_omni3d(
 
 def _read_image(img: object, pos: int, dataset: str, split: str, rel_file: str, data_root: str | os.PathLike,
                 rules: IgnoreRules, check_files: bool, anns_by_image: dict, seen: dict[int, str],
-                in_file: Counter) -> ReadResult:
+                in_file: Counter, ann_fields: Sequence[str] | None = None) -> ReadResult:
     if not isinstance(img, dict) or isinstance(img.get("id"), bool) or not isinstance(img.get("id"), int):
         return read_reject(make_key("omni3d", dataset, "position", pos), "malformed_image",
                            f"{rel_file}: images[{pos}] has no integer 'id'")
@@ -210,7 +226,11 @@ def _read_image(img: object, pos: int, dataset: str, split: str, rel_file: str, 
         if not isinstance(a, dict):
             continue
         reasons = ignore_reasons(a, float(h), rules)
-        anns.append({**a, "ignore": bool(reasons), "ignore_reasons": reasons})
+        if ann_fields is None:
+            anns.append({**a, "ignore": bool(reasons), "ignore_reasons": reasons})
+        else:  # the same fields, values and order as trimming the full annotation above
+            ours = {"ignore": bool(reasons), "ignore_reasons": reasons}
+            anns.append({f: ours[f] if f in ours else a[f] for f in ann_fields if f in ours or f in a})
     return {
         "key": key,
         "format": "omni3d",

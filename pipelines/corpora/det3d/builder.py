@@ -50,12 +50,19 @@ def _lean(x: Any) -> Any:
     return x
 
 
-def _omni3d_item(it: dict[str, Any]) -> Item:
+def _omni3d_item(it: dict[str, Any], trimmed: bool = False) -> Item:
+    """The work item of one Omni3D image. `trimmed`: the reader already kept only `_OMNI3D_FIELDS` of each
+    annotation (`read_omni3d(ann_fields=...)`, the listing's path); their values are parsed JSON, never numpy."""
+    anns = it["annotations"] if trimmed else \
+        [{f: _lean(a.get(f)) for f in _OMNI3D_FIELDS if f in a} for a in it["annotations"]]
     return {
         "key": it["key"], "format": "omni3d", "source": it["source"], "image_path": it["image_path"],
-        "width": it["width"], "height": it["height"], "K": _lean(it["K"]),
-        "annotations": [{f: _lean(a.get(f)) for f in _OMNI3D_FIELDS if f in a} for a in it["annotations"]],
+        "width": it["width"], "height": it["height"], "K": _lean(it["K"]), "annotations": anns,
     }  # fmt: skip
+
+
+def _omni3d_trimmed_item(it: dict[str, Any]) -> Item:
+    return _omni3d_item(it, trimmed=True)
 
 
 def _es_item(it: dict[str, Any]) -> Item:
@@ -116,7 +123,8 @@ def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
     conv = config.get("convert", {})
     rules = omni3d_rules(conv.get("omni3d_ignore", "train"), conv.get("omni3d_rules"))
     for f in config.get("omni3d", []):
-        yield from read_file(f, lambda p: read_omni3d([p], root, rules, check_files=False), _omni3d_item)
+        yield from read_file(f, lambda p: read_omni3d([p], root, rules, check_files=False, ann_fields=_OMNI3D_FIELDS),
+                             _omni3d_trimmed_item)
     for f in config.get("embodiedscan", []):
         yield from read_file(f, lambda p: read_embodiedscan([p], root, check_files=False), _es_item)
 

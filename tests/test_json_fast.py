@@ -1,0 +1,118 @@
+"""`pipelines.sources.json_fast.load_json_path`: exactly `json.load`'s values and errors, orjson or not.
+
+Values are compared by `repr` (types, key order, the sign of -0.0, ints stay ints), not by `==` (1 == 1.0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.sources import json_fast
+from pipelines.sources.json_fast import has_long_digit_run, load_json_path
+
+orjson = pytest.importorskip("orjson")
+
+AGREE = [  # JSON both parsers accept: orjson's values must be json.load's
+    '{"a": 1, "b": [1.5, -0.0, -0, 0, 1E2, 1e-400, 5e-324, 2.4703282292062327e-324, 1.7976931348623157e308]}',
+    '{"a": 1, "b": 2, "a": 3}',  # a repeated key: its last value, at its first place
+    '{"ints": [9223372036854775807, -9223372036854775808, 18446744073709551615, 123456789012345678]}',
+    '{"s": ["\\u00e9", "é", "\\ud83d\\ude00", "\\u0000", "a\\"b\\\\c\\/d", "\\u2028"], "e": {}, "l": [], "n": null}',
+    '{"f": [0.1, 0.2, 4.35e-05, 1.0000000000000002, 123456789012345678.5, 9007199254740993]}',
+    '\r\n\t {"crlf": [1,\r\n 2]} \n',
+    '[1, 2]',
+    '"top"',
+]
+
+FALLBACK = [  # orjson refuses these, or (beyond 64 bits) returns a float: json.load's values must come back
+    '{"a": NaN, "b": Infinity, "c": -Infinity}',
+    '{"a": 1e400, "b": -1e400}',
+    '{"a": "\\ud800", "b": "\\udc00\\ud800"}',
+    '{"a": 18446744073709551616, "b": -9223372036854775809, "c": 100000000000000000000000000000}',
+    '{"a": 1234567890123456789.0}',  # a long mantissa: only loses the fast path
+]
+
+
+def _write(tmp_path: Path, text: str, name: str = "f.json") -> Path:
+    p = tmp_path / name
+    p.write_bytes(text.encode("utf-8", "surrogatepass"))
+    return p
+
+
+def _stdlib(p: Path) -> object:
+    with open(p, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@pytest.mark.parametrize("text", AGREE + FALLBACK)
+def test_values_are_json_loads(tmp_path, text):
+    p = _write(tmp_path, text)
+    assert repr(load_json_path(p)) == repr(_stdlib(p))
+
+
+def test_big_ints_stay_ints(tmp_path):
+    """orjson turns an int beyond 64 bits into a float without an error: the digit-run check must catch it."""
+    p = _write(tmp_path, '{"id": 18446744073709551616, "ids": [1, 99999999999999999999]}')
+    with open(p, "rb") as fh:
+        assert isinstance(orjson.loads(fh.read())["id"], float)  # the hazard this module guards against
+    got = load_json_path(p)
+    assert got == {"id": 2**64, "ids": [1, 99999999999999999999]} and type(got["id"]) is int
+
+
+def test_orjson_is_used_when_it_agrees_and_the_stdlib_otherwise(tmp_path, monkeypatch):
+    calls = []
+    real = json.load
+    monkeypatch.setattr(json_fast.json, "load", lambda fh: calls.append(1) or real(fh))
+    load_json_path(_write(tmp_path, AGREE[0]))
+    assert calls == []
+    load_json_path(_write(tmp_path, FALLBACK[0]))
+    assert calls == [1]
+
+
+def test_without_orjson_every_file_takes_json_load(tmp_path, monkeypatch):
+    monkeypatch.setattr(json_fast, "orjson", None)
+    for text in AGREE + FALLBACK:
+        p = _write(tmp_path, text)
+        assert repr(load_json_path(p)) == repr(_stdlib(p))
+
+
+@pytest.mark.parametrize("text", [
+    '{"a": [1, 2,\n "b": 3}',  # invalid on line 2
+    '{"images": [\r\n{"id": 1},\r\n{"id": 2,}\r\n]}',  # CRLF: json.load's text mode sees "\n"; same line/column
+    '{"a": 1',  # truncated
+    '{"a": 1} x',  # extra data
+    '\ufeff{"a": 1}',  # a UTF-8 BOM: json.load refuses it
+    '',
+    '{"a": 01}',
+    '{"a": "x\x01y"}',  # a raw control character in a string
+])
+def test_errors_are_json_loads_with_line_and_column(tmp_path, text):
+    p = _write(tmp_path, text)
+    with pytest.raises(json.JSONDecodeError) as want:
+        _stdlib(p)
+    with pytest.raises(json.JSONDecodeError) as got:
+        load_json_path(p)
+    assert type(got.value) is json.JSONDecodeError  # the stdlib's error, not orjson's subclass
+    assert (str(got.value), got.value.lineno, got.value.colno) == (str(want.value), want.value.lineno, want.value.colno)
+
+
+def test_invalid_utf8_and_deep_nesting_raise_as_json_load(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(UnicodeDecodeError):
+        load_json_path(p)
+    p.write_text("[" * 5000 + "]" * 5000)  # orjson stops at 1024 levels; json.load at the recursion limit
+    with pytest.raises(RecursionError):
+        load_json_path(p)
+
+
+def test_long_digit_runs_are_found_across_scan_boundaries():
+    size = json_fast._SCAN
+    assert not has_long_digit_run(b"[1, 123456789012345678, 0.123456789012345678]")
+    assert has_long_digit_run(b"[1234567890123456789]")
+    for cut in range(1, 19):  # the run straddles the boundary of two scanned pieces
+        raw = b" " * (size - cut) + b"1" * 19 + b" "
+        assert has_long_digit_run(raw), cut
+        assert not has_long_digit_run(b" " * (size - cut) + b"1" * 18 + b" ")
