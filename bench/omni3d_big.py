@@ -5,7 +5,12 @@ world's Omni3D train images (and their annotations) copied under distinct ids, a
 paths (`rNNN/<original path>`), each path a hard link to the original image, so the build reads real files
 and every input is distinct. `dest` is the data root of the result.
 
-Run: `.venv/bin/python -m bench.omni3d_big --world DIR --n 12600 --dest DIR`.
+`--split K FILE`: instead, cut an existing replicated file into K files `BigPart{i}_train.json` in `--dest` (the
+images in K contiguous runs, each with its annotations), for the per-file parallel listing; the data root
+stays the original file's folder.
+
+Run: `.venv/bin/python -m bench.omni3d_big --world DIR --n 12600 --dest DIR`,
+`.venv/bin/python -m bench.omni3d_big --split 4 DIR/BigWorld_train.json --dest DIR4`.
 """
 
 from __future__ import annotations
@@ -46,12 +51,36 @@ def replicate(world_dir: str | Path, n_images: int, dest: str | Path) -> Path:
     return out
 
 
+def split(path: str | Path, k: int, dest: str | Path) -> list[Path]:
+    """Cut an Omni3D file into `k` files of contiguous images (each with its annotations); returns their paths."""
+    src = json.loads(Path(path).read_text())
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    images = src["images"]
+    out = []
+    for i in range(k):
+        part = images[i * len(images) // k:(i + 1) * len(images) // k]
+        ids = {img["id"] for img in part}
+        p = dest / f"BigPart{i}_train.json"
+        p.write_text(json.dumps({"info": src["info"], "images": part, "categories": src["categories"],
+                                 "annotations": [a for a in src["annotations"] if a["image_id"] in ids]}))
+        out.append(p)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--world", type=Path, required=True)
+    ap.add_argument("--world", type=Path)
     ap.add_argument("--n", type=int, default=12600)
     ap.add_argument("--dest", type=Path, required=True)
+    ap.add_argument("--split", nargs=2, metavar=("K", "FILE"), help="cut FILE into K files instead")
     a = ap.parse_args(argv)
+    if a.split:
+        for p in split(a.split[1], int(a.split[0]), a.dest):
+            print(f"{p} ({p.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    if a.world is None:
+        ap.error("--world is required (or --split)")
     p = replicate(a.world, a.n, a.dest)
     print(f"{p} ({p.stat().st_size / 1e6:.1f} MB, {a.n} images)")
     return 0

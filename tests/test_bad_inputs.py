@@ -208,3 +208,21 @@ def test_cot_rejects_each_bad_record_and_keeps_the_rest(corpus: BadCorpus, sampl
     want = Counter((it["source"]["file"], it["id"], len(it["conversations"])) for it in clean.list_inputs(clean.config))
     got = Counter((r["source"]["file"], r["source"]["id"], len(r["conversations"][0]["turns"])) for r in records(out))
     assert got == want and sum(want.values()) == 11
+
+
+def test_det3d_listing_in_worker_processes_is_the_serial_listing(corpus: BadCorpus, monkeypatch: Any) -> None:
+    """Each source file listed in its own spawned process (`iter_encoded_inputs`): the plan's (key, blob)
+    pairs are the serial listing's, byte for byte, bad files, duplicate keys and `dup-N` rejects included."""
+    from pipelines.corpora.det3d import builder as det3d
+    from pipelines.engine.plan import EncodedItem, encode_inputs
+
+    b = det3d.make_builder(det3d.Det3dBuildConfig(corpus.omni3d, corpus.embodiedscan, corpus.root))
+    assert len(det3d._sources(b.config)) >= 4
+    serial = encode_inputs(det3d.iter_inputs(b.config)).pairs
+    monkeypatch.setattr(det3d, "PARALLEL_LISTING_MIN_BYTES", 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})  # two workers, whatever this box has
+    listed = list(b.list_inputs(b.config))
+    assert any(type(it) is EncodedItem for it in listed)  # the workers' items came encoded
+    assert encode_inputs(listed).pairs == serial
+    assert any("read_reject" in it and it["read_reject"]["reason"] == "bad_source_file"
+               for it in listed if isinstance(it, dict))

@@ -116,3 +116,68 @@ def test_long_digit_runs_are_found_across_scan_boundaries():
         raw = b" " * (size - cut) + b"1" * 19 + b" "
         assert has_long_digit_run(raw), cut
         assert not has_long_digit_run(b" " * (size - cut) + b"1" * 18 + b" ")
+
+
+def _omni3d_like(n: int = 40) -> dict:
+    anns = [{"id": i, "image_id": i // 3, "category_name": ["chair", "a}, {b", 'q"}, {"x'][i % 3],
+             "bbox3D_cam": [[0.1 * i, -0.0, 2.5]] * 2, "seg": [{"k": i}, {"k": -i}], "v": 1e-7 * i}
+            for i in range(n)]
+    return {"info": {"note": 'looks like "annotations": [{}, {}] but is a string'},
+            "images": [{"id": j, "file_path": f"a/{j}.png"} for j in range(n // 3 + 1)],
+            "categories": [{"id": 0, "name": "chair"}], "annotations": anns}
+
+
+PIECE_DOCS = {
+    "omni3d-like": json.dumps(_omni3d_like()),
+    "indented": json.dumps(_omni3d_like(), indent=2),
+    "not last": json.dumps({"annotations": _omni3d_like()["annotations"], "images": [1, 2], "z": {"a": [{}]}}),
+    "nested twin": json.dumps({"info": {"annotations": [{"a": 1}, {"a": 2}]}, **_omni3d_like()}),
+    "repeated key": '{"annotations": [{"a": 1}, {"a": 2}], "b": 1, "annotations": [{"c": 3}, {"c": 4}]}',
+    "repeated, not an array": '{"annotations": [{"a": 1}, {"a": 2}, {"a": 3}], "annotations": null}',
+    "empty": '{"images": [{"id": 1}, {"id": 2}], "annotations": []}',
+    "no such array": json.dumps({"images": _omni3d_like()["images"]}),
+    "top array": json.dumps([{"annotations": [{"a": 1}, {"a": 2}]}]),
+    "NaN in a piece": json.dumps(_omni3d_like())[:-2] + ', {"v": NaN}]}',
+}
+
+
+@pytest.mark.parametrize("piece", [1, 40, 300, 10**9])
+@pytest.mark.parametrize("name", sorted(PIECE_DOCS))
+def test_a_large_file_parsed_in_pieces_is_json_loads(tmp_path, monkeypatch, name, piece):
+    """Cuts land anywhere a `},{` is (inside strings, inside nested arrays, in another member): the result is
+    json.load's whatever the piece size, because a wrong cut cannot pass the parses (or goes to json.load)."""
+    monkeypatch.setattr(json_fast, "PIECE_BYTES", piece)
+    p = _write(tmp_path, PIECE_DOCS[name])
+    assert repr(load_json_path(p, split="annotations")) == repr(_stdlib(p))
+
+
+def test_pieces_are_parsed_by_orjson_and_hold_less_at_once(tmp_path, monkeypatch):
+    p = _write(tmp_path, PIECE_DOCS["indented"])
+    sizes = []
+    real = orjson.loads
+    monkeypatch.setattr(json_fast, "PIECE_BYTES", 500)
+    monkeypatch.setattr(json_fast.orjson, "loads", lambda b: sizes.append(len(b)) or real(b))
+    monkeypatch.setattr(json_fast.json, "load", lambda fh: pytest.fail("json.load was asked"))
+    assert load_json_path(p, split="annotations") == _omni3d_like()
+    assert len(sizes) > 5 and max(sizes) < p.stat().st_size / 4
+
+
+def test_a_broken_piece_reports_json_loads_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(json_fast, "PIECE_BYTES", 100)
+    text = PIECE_DOCS["indented"]
+    cut = text.index('"v"', len(text) * 3 // 4)
+    p = _write(tmp_path, text[:cut] + '"v": 1.2.3,' + text[cut:])  # invalid late in the last pieces
+    with pytest.raises(json.JSONDecodeError) as want:
+        _stdlib(p)
+    with pytest.raises(json.JSONDecodeError) as got:
+        load_json_path(p, split="annotations")
+    assert (str(got.value), got.value.lineno, got.value.colno) == (str(want.value), want.value.lineno, want.value.colno)
+
+
+def test_a_large_file_without_a_split_array_is_parsed_by_json_load(tmp_path, monkeypatch):
+    monkeypatch.setattr(json_fast, "PIECE_BYTES", 10)
+    calls = []
+    real = json.load
+    monkeypatch.setattr(json_fast.json, "load", lambda fh: calls.append(1) or real(fh))
+    p = _write(tmp_path, PIECE_DOCS["omni3d-like"])
+    assert load_json_path(p) == _omni3d_like() and calls == [1]  # orjson's whole-file memory is not paid

@@ -143,7 +143,8 @@ def test_builders_yield_their_listing(sample_world: Any) -> None:
         assert inspect.isgeneratorfunction(mod.iter_inputs), mod.__name__
     b = det3d.make_builder(det3d.Det3dBuildConfig(sample_world.omni3d_files, sample_world.embodiedscan_files,
                                                    sample_world.root))
-    assert b.list_inputs is det3d.iter_inputs
+    assert b.list_inputs is det3d.iter_encoded_inputs  # iter_inputs, or its files listed in worker processes
+    assert inspect.isgeneratorfunction(det3d.iter_encoded_inputs)
     listed = b.list_inputs(b.config)
     assert not isinstance(listed, list)
     items = list(listed)

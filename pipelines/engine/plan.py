@@ -42,7 +42,9 @@ class Builder:
 
     `list_inputs(config)` must return an iterable of small dicts (each with a unique `"key"`; items may
     carry paths, not big payloads), deterministically; a generator is best, since the plan encodes each
-    item as it comes and never needs them all as dicts at once. The plan sorts them by key, so the listing
+    item as it comes and never needs them all as dicts at once. An item may also come already encoded, as an
+    `EncodedItem` (a listing that encodes in worker processes); the plan keeps its blob as it is. The plan
+    sorts them by key, so the listing
     order does not matter but the content must not depend on time or machine. `config` must be
     JSON-serialisable: it is recorded in the manifest and its digest guards resumes.
     """
@@ -75,6 +77,15 @@ def encode_item(item: Item) -> bytes:
 def decode_item(blob: bytes) -> Item:
     """The item `encode_item` encoded (a fresh dict each call, so stages cannot alter the plan's copy)."""
     return pickle.loads(blob)
+
+
+@dataclass(frozen=True)
+class EncodedItem:
+    """An input already encoded by `encode_item`, with its key: what a listing that lists in worker processes
+    yields (det3d's per-file listing), so the driver neither decodes nor re-encodes the item."""
+
+    key: str
+    blob: bytes
 
 
 @dataclass(frozen=True)
@@ -269,7 +280,8 @@ def encode_inputs(inputs: Iterable[Item] | EncodedInputs) -> EncodedInputs:
     """
     if isinstance(inputs, EncodedInputs):
         return inputs
-    pairs = [(_checked_key(it), encode_item(it)) for it in inputs]
+    pairs = [(_checked_key({"key": it.key}), it.blob) if type(it) is EncodedItem else (_checked_key(it), encode_item(it))
+             for it in inputs]
     pairs.sort(key=lambda kb: kb[0])
     _check_unique([k for k, _ in pairs])
     return EncodedInputs(pairs)

@@ -117,7 +117,7 @@ def load_omni3d_json(path: str | os.PathLike) -> dict[str, Any]:
             with open(path, encoding="utf-8") as fh:
                 data = load_object(fh, ("images", "annotations"))
         else:  # json.load's values, with orjson's parser when it is certain to agree (json_fast)
-            data = load_json_path(path)
+            data = load_json_path(path, split="annotations")
     except OSError as exc:
         raise SourceError(path, f"cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
