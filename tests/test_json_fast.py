@@ -31,7 +31,7 @@ FALLBACK = [  # orjson refuses these, or (beyond 64 bits) returns a float: json.
     '{"a": 1e400, "b": -1e400}',
     '{"a": "\\ud800", "b": "\\udc00\\ud800"}',
     '{"a": 18446744073709551616, "b": -9223372036854775809, "c": 100000000000000000000000000000}',
-    '{"a": 1234567890123456789.0}',  # a long mantissa: only loses the fast path
+    '{"a": 1234567890123456789.0, "b": 1e0000000000000000001}',  # a long integer part or exponent: only slower
 ]
 
 
@@ -111,11 +111,20 @@ def test_invalid_utf8_and_deep_nesting_raise_as_json_load(tmp_path):
 def test_long_digit_runs_are_found_across_scan_boundaries():
     size = json_fast._SCAN
     assert not has_long_digit_run(b"[1, 123456789012345678, 0.123456789012345678]")
-    assert has_long_digit_run(b"[1234567890123456789]")
-    for cut in range(1, 19):  # the run straddles the boundary of two scanned pieces
+    assert not has_long_digit_run(b"[0.00012345678901234567, -0.00012345678901234567]")  # decimals: both agree
+    assert has_long_digit_run(b"[1234567890123456789]") and has_long_digit_run(b"1234567890123456789")
+    assert has_long_digit_run(b"[-1234567890123456789]") and has_long_digit_run(b"[1.5e1234567890123456789]")
+    for cut in range(0, 21):  # the run straddles the boundary of two scanned pieces
         raw = b" " * (size - cut) + b"1" * 19 + b" "
         assert has_long_digit_run(raw), cut
         assert not has_long_digit_run(b" " * (size - cut) + b"1" * 18 + b" ")
+        assert not has_long_digit_run(b" " * (size - cut) + b"." + b"1" * 25 + b" "), cut
+
+
+def test_full_precision_small_floats_keep_the_fast_path(tmp_path, monkeypatch):
+    p = _write(tmp_path, json.dumps({"a": [0.00012345678901234567, 1.2345678901234567e-05, 0.1 + 0.2]}))
+    monkeypatch.setattr(json_fast.json, "load", lambda fh: pytest.fail("json.load was asked"))
+    assert load_json_path(p) == {"a": [0.00012345678901234567, 1.2345678901234567e-05, 0.1 + 0.2]}
 
 
 def _omni3d_like(n: int = 40) -> dict:

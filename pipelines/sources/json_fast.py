@@ -12,8 +12,8 @@ standard library instead, so the caller always gets `json.load`'s values and `js
   invalid UTF-8 and nesting deeper than 1024 levels: orjson raises, then the file is parsed again by
   `json.load` (which accepts them, or raises its own error with line and column, exactly as before);
 - integers outside 64 bits: orjson returns them as floats without an error, so a file with any run of 19 or
-  more digits (every integer beyond 64 bits has one; so do some long float mantissas, which then only lose the
-  fast path) goes to `json.load` from the start.
+  more digits not right after a "." (every integer beyond 64 bits has one; a float's decimals do not count)
+  goes to `json.load` from the start.
 Without orjson installed, every file takes `json.load`.
 
 Same memory. orjson parses into its own document before making Python objects: a whole 61 MB Omni3D file
@@ -55,15 +55,20 @@ _UNSURE = object()
 LONG_DIGITS = 19
 """Digits from which an integer may not fit in 64 bits (2**63 has 19): orjson would turn it into a float."""
 
-_DIGITS_ONLY = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))  # each digit -> "0", rest -> " "
-_RUN = b"0" * LONG_DIGITS
+# each digit -> "0", "." stays, anything else -> " ": a run that counts is " " followed by LONG_DIGITS "0"s
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= i <= 0x39 else i if i == 0x2E else 0x20 for i in range(256))
+_RUN = b" " + b"0" * LONG_DIGITS
 _SCAN = 1 << 20  # bytes translated at once (a bounded copy, not a second copy of the whole file)
 
 
 def has_long_digit_run(raw: bytes) -> bool:
-    """True when `raw` holds `LONG_DIGITS` or more digits in a row (C-speed: translate + find, ~3 ms per MB)."""
+    """True when `raw` holds `LONG_DIGITS` or more digits in a row not right after a "." (C-speed: translate +
+    find, ~3 ms per MB). Every integer literal beyond 64 bits has such a run; the digits after a float's decimal
+    point do not count (a full-precision 0.00012345678901234567 is common in real annotation files and is
+    parsed alike by both), an integer part or exponent that long does (it only loses the fast path)."""
     for s in range(0, len(raw), _SCAN):
-        if raw[s:s + _SCAN + LONG_DIGITS - 1].translate(_DIGITS_ONLY).find(_RUN) >= 0:
+        piece = raw[s - 1:s + _SCAN + LONG_DIGITS - 1] if s else b" " + raw[:_SCAN + LONG_DIGITS - 1]
+        if piece.translate(_DIGITS_ONLY).find(_RUN) >= 0:
             return True
     return False
 
