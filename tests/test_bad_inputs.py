@@ -210,11 +210,20 @@ def test_cot_rejects_each_bad_record_and_keeps_the_rest(corpus: BadCorpus, sampl
     assert got == want and sum(want.values()) == 11
 
 
-def test_det3d_listing_in_worker_processes_is_the_serial_listing(corpus: BadCorpus, monkeypatch: Any) -> None:
-    """Each source file listed in its own spawned process (`iter_encoded_inputs`): the plan's (key, blob)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_det3d_listing_in_worker_processes_is_the_serial_listing(corpus: BadCorpus, monkeypatch: Any,
+                                                                 method: str) -> None:
+    """Each source file listed in its own worker process (`iter_encoded_inputs`): the plan's (key, blob)
     pairs are the serial listing's, byte for byte, bad files, duplicate keys and `dup-N` rejects included."""
+    import multiprocessing
+
     from pipelines.corpora.det3d import builder as det3d
     from pipelines.engine.plan import EncodedItem, encode_inputs
+
+    used = []
+    real = multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda m=None: used.append(m) or real(m))
+    monkeypatch.setattr(det3d, "_FORK_OK", method == "fork")
 
     b = det3d.make_builder(det3d.Det3dBuildConfig(corpus.omni3d, corpus.embodiedscan, corpus.root))
     assert len(det3d._sources(b.config)) >= 4
@@ -223,6 +232,7 @@ def test_det3d_listing_in_worker_processes_is_the_serial_listing(corpus: BadCorp
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})  # two workers, whatever this box has
     listed = list(b.list_inputs(b.config))
     assert any(type(it) is EncodedItem for it in listed)  # the workers' items came encoded
+    assert used == [method]
     assert encode_inputs(listed).pairs == serial
     assert any("read_reject" in it and it["read_reject"]["reason"] == "bad_source_file"
                for it in listed if isinstance(it, dict))

@@ -103,6 +103,7 @@ def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
 # Several source files are listed in worker processes, one file each, when they hold at least this much JSON /
 # pickle together: a worker's start-up (spawn + imports, ~0.5 s of CPU) against ~0.3 ms per Omni3D image listed.
 PARALLEL_LISTING_MIN_BYTES = 32 << 20
+_FORK_OK = True  # False: always spawn (bench/det3d_listing.py compares the two)
 
 
 def iter_encoded_inputs(config: dict[str, Any]) -> Iterator[Item | EncodedItem]:
@@ -121,9 +122,13 @@ def iter_encoded_inputs(config: dict[str, Any]) -> Iterator[Item | EncodedItem]:
         yield from iter_inputs(config)
         return
     import multiprocessing
+    import threading
 
-    # spawn, not fork: the listing may run beside Ray's start-up threads (`run_build`), which a fork would copy
-    pool = multiprocessing.get_context("spawn").Pool(n, initializer=_ignore_sigint)
+    # fork when this process runs no other thread: the workers start with every module imported (a spawned
+    # worker re-imports the pipeline, ~0.3 s of CPU each, bench/executors.md). spawn when the listing runs
+    # beside Ray's start-up (`run_build` lists in a thread then): a fork would copy another thread's locks.
+    method = "fork" if threading.active_count() == 1 and _FORK_OK else "spawn"
+    pool = multiprocessing.get_context(method).Pool(n, initializer=_worker_signals)
     finished = False
     try:
         keys = _UniqueKeys()
@@ -159,11 +164,13 @@ def _listing_workers(sources: list[tuple[str, str]]) -> int:
     return max(1, min(len(sources), len(os.sched_getaffinity(0))))
 
 
-def _ignore_sigint() -> None:
-    """Listing workers leave Ctrl-C to the driver, which stops them (one message, not one traceback per worker)."""
+def _worker_signals() -> None:
+    """Listing workers leave Ctrl-C to the driver, which stops them (one message, not one traceback per worker),
+    and die at once on the driver's SIGTERM (`Pool.terminate`), not through the driver's handlers a fork copied."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _file_results(kind: str, path: str, config: dict[str, Any]) -> Iterator[Item | Reject]:
