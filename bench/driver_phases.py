@@ -3,7 +3,7 @@
 Phases, each timed alone with `time.process_time` on the same Omni3D file: the parse
 (`load_omni3d_json`); the Omni3D reader (which includes its own parse: subtract the first figure) with
 det3d's trimming (`_omni3d_item`) apart; the whole det3d listing as a build runs it (`iter_inputs`: parse,
-reader and trimming, fused where the tree fuses them); encoding (`pipelines.engine.plan.encode_inputs`: pickle + zlib, sort); chunking; the plan.json digests (a
+reader and trimming, fused where the tree fuses them); encoding (`pipelines.engine.plan.encode_inputs`: pickle (+ zlib in trees before session 4), sort); chunking; the plan.json digests (a
 serial phase before any chunk runs in a baseline tree; in the streamed plan they are computed as chunks are
 released, while the workers run). Run it
 with `PYTHONPATH` pointing at each code tree to compare them, interleaved.
