@@ -232,7 +232,9 @@ def test_det3d_listing_in_worker_processes_is_the_serial_listing(corpus: BadCorp
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})  # two workers, whatever this box has
     listed = list(b.list_inputs(b.config))
     assert any(type(it) is EncodedItem for it in listed)  # the workers' items came encoded
-    assert used == [method]
+    import threading  # a fork only where this process runs no other thread (earlier tests may leave some)
+
+    assert used == ["fork" if method == "fork" and threading.active_count() == 1 else "spawn"]
     assert encode_inputs(listed).pairs == serial
     assert any("read_reject" in it and it["read_reject"]["reason"] == "bad_source_file"
                for it in listed if isinstance(it, dict))

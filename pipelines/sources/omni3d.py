@@ -106,12 +106,14 @@ def ignore_reasons(ann: dict[str, Any], image_height: float, rules: IgnoreRules 
 
 
 # Files larger than this are parsed streaming (`pipelines.sources.json_stream`): json.load would hold the whole
-# text besides the parsed objects. Smaller ones use json.load, ~1.5x faster per image (bench/executors.md).
+# text besides the parsed objects. Smaller ones use `json_fast` (orjson in pieces, else json.load), faster per
+# image by ~1.5x (json.load) to ~2x (orjson) (bench/executors.md).
 STREAM_ABOVE_BYTES = 256 << 20
 
 
 def load_omni3d_json(path: str | os.PathLike) -> dict[str, Any]:
-    """json.load's value (`json_fast` or `json_stream` by size) with a clear `SourceError` for unreadable, truncated or wrongly shaped files."""
+    """json.load's value (`json_fast`, or `json_stream` above `STREAM_ABOVE_BYTES`), with a clear `SourceError`
+    for unreadable, truncated or wrongly shaped files."""
     try:
         if os.stat(path).st_size > STREAM_ABOVE_BYTES:  # the text is never held whole (json_stream)
             with open(path, encoding="utf-8") as fh:

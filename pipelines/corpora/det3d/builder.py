@@ -101,7 +101,8 @@ def iter_inputs(config: dict[str, Any]) -> Iterator[Item]:
 
 
 # Several source files are listed in worker processes, one file each, when they hold at least this much JSON /
-# pickle together: a worker's start-up (spawn + imports, ~0.5 s of CPU) against ~0.3 ms per Omni3D image listed.
+# pickle together (~6,000 Omni3D images at ~0.3 ms each): enough to pay a worker's start-up (a forked one costs
+# little, a spawned one ~0.3 s of CPU for its imports, bench/executors.md "Driver per input (session 4)").
 PARALLEL_LISTING_MIN_BYTES = 32 << 20
 _FORK_OK = True  # False: always spawn (bench/det3d_listing.py compares the two)
 
