@@ -3,10 +3,16 @@
 Each run is the real CLI in a fresh process (`python -m pipelines.cli build det3d ...`), so start-up
 (imports, Ray start, Beam workers) is included, as a user sees it. `--trees NAME=DIR,...` names code
 trees (a checkout of the baseline commit, e.g. `git archive BASE | tar -x -C DIR`, and this one); each
-run gets `PYTHONPATH=DIR`. Per run: wall seconds, CPU seconds of the whole process tree (the driver's
-rusage plus every descendant's CPU as last polled every 0.25 s: Ray's raylet, GCS and workers, Beam's SDK
-workers; a descendant's last < 0.25 s is missed, so Ray and Beam are slightly flattered), peak driver RSS (polled
-every 0.25 s). Outputs are compared byte for byte with the first tree's local run.
+run gets `PYTHONPATH=DIR`. Per run: wall seconds, CPU seconds of the whole process tree, peak driver RSS (polled
+every 0.25 s).
+
+Tree CPU is exact on Linux: this bench makes itself a child subreaper (`prctl(PR_SET_CHILD_SUBREAPER)`), so every
+process of the run (Ray's GCS, raylet, agents and workers, Beam's SDK workers, the reaper watchdog) is waited for,
+by its parent or, once orphaned, by this bench; `RUSAGE_CHILDREN` then holds each process's CPU exactly once.
+(Until 2026-12-03 it added, to that rusage, every descendant's polled CPU *including its reaped children's*,
+which counted Ray's and Beam's processes two or three times: the Ray and Beam CPU figures of bench/executors.md
+before "Tree CPU, counted once" are too high.) Where the subreaper is unavailable, or a process outlives the run,
+its own CPU as last polled is used instead. Outputs are compared byte for byte with the first tree's local run.
 Prints medians over `--repeat` interleaved repetitions, ratios to the first tree's local run, and the
 load average before every run.
 
@@ -31,6 +37,41 @@ from pathlib import Path
 
 from tests.test_executors_toy import compared_files  # what must be byte-identical, written once
 
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> bool:
+    """Make this process inherit the run's orphans (Linux), so their CPU can be waited for and counted."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans(timeout: float) -> None:
+    """Wait for every exited descendant reparented to this bench (until none is left, or `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
 
 def run_once(tree: str, args: list[str]) -> tuple[float, float, float, str]:
     """(wall s, tree CPU s, driver peak RSS MiB, stdout) of one CLI run with PYTHONPATH=tree."""
@@ -41,16 +82,26 @@ def run_once(tree: str, args: list[str]) -> tuple[float, float, float, str]:
                "finally:\n    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
     import psutil
 
+    subreaper = _become_subreaper()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", wrapper, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tree)
-    seen: dict[int, float] = {}  # pid -> last CPU seconds seen (Ray's daemons and workers are not reaped here)
+    seen: dict[int, float] = {}  # pid -> its own CPU seconds as last polled (a fallback: see the docstring)
     peak = [0]  # the driver's RSS, polled: its ru_maxrss starts at this bench's own RSS when it is forked
     stop = threading.Event()
 
+    me = psutil.Process()
+
     def poll() -> None:
         while not stop.wait(0.25):
+            if subreaper:  # reap orphans as they exit: an unreaped zombie still "exists" to whoever waits on it
+                for k in me.children():
+                    if k.pid != proc.pid:
+                        try:
+                            os.waitpid(k.pid, os.WNOHANG)
+                        except ChildProcessError:
+                            pass
             try:
                 driver = psutil.Process(proc.pid)
                 peak[0] = max(peak[0], driver.memory_info().rss)
@@ -60,7 +111,7 @@ def run_once(tree: str, args: list[str]) -> tuple[float, float, float, str]:
             for k in kids:
                 try:
                     t = k.cpu_times()
-                    seen[k.pid] = t.user + t.system + t.children_user + t.children_system
+                    seen[k.pid] = t.user + t.system
                 except psutil.Error:
                     pass
 
@@ -70,11 +121,18 @@ def run_once(tree: str, args: list[str]) -> tuple[float, float, float, str]:
     stop.set()
     th.join()
     wall = time.perf_counter() - t0
+    if subreaper:
+        _reap_orphans(timeout=30.0)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{tree} {args}: rc {proc.returncode}\n{stdout[-2000:]}\n{stderr[-4000:]}")
-    # the driver (reaped: rusage) + its descendants as last polled (they may exit un-reaped by us)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime) + sum(seen.values())
+    # every reaped process of the tree, once; plus the own CPU of any that is still alive (or, without the
+    # subreaper, of every descendant: a lower bound, since a process's last < 0.25 s is not polled)
+    alive = {pid for pid in seen if _running(pid)}
+    extra = sum(seen[pid] for pid in (alive if subreaper else seen))
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime) + extra
+    if subreaper and alive:
+        print(f"warning: {len(alive)} process(es) of the run outlived it; their polled CPU is added", file=sys.stderr)
     p = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
     # ru_maxrss of the driver is not used: a forked child's high-water mark starts at the parent's RSS (this
     # bench holds the reference build's bytes), which inflated every later run's figure.
