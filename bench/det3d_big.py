@@ -50,18 +50,23 @@ def _become_subreaper() -> bool:
         return False
 
 
-def _reap_orphans(timeout: float) -> None:
-    """Wait for every exited descendant reparented to this bench (until none is left, or `timeout` s)."""
+def _reap_orphans(tree: set[int], timeout: float) -> None:
+    """Wait for the run's processes: reap every exited child (orphans reparented to this bench) until no pid of
+    `tree` (the run's descendants as polled) is still running and no child is left, or `timeout` s.
+
+    A descendant may still be running, under a parent that is itself dying, when the driver has exited; it
+    becomes this bench's child only later, so an empty child list does not mean the run is over."""
     deadline = time.monotonic() + timeout
-    while True:
+    while time.monotonic() < deadline:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+            has_children = True
         except ChildProcessError:
+            has_children = False
+        if not has_children and not any(_running(pid) for pid in tree):
             return
-        if pid == 0:
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.05)
+        time.sleep(0.05)
 
 
 def _running(pid: int) -> bool:
@@ -87,14 +92,13 @@ def run_once(tree: str, args: list[str]) -> tuple[float, float, float, str]:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", wrapper, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tree)
-    seen: dict[int, float] = {}  # pid -> its own CPU seconds as last polled (a fallback: see the docstring)
+    seen: dict[int, float] = {}  # pid -> its own CPU seconds as last polled, every process under this bench
     peak = [0]  # the driver's RSS, polled: its ru_maxrss starts at this bench's own RSS when it is forked
     stop = threading.Event()
-
     me = psutil.Process()
 
     def poll() -> None:
-        while not stop.wait(0.25):
+        while not stop.wait(0.1):
             if subreaper:  # reap orphans as they exit: an unreaped zombie still "exists" to whoever waits on it
                 for k in me.children():
                     if k.pid != proc.pid:
@@ -103,36 +107,34 @@ def run_once(tree: str, args: list[str]) -> tuple[float, float, float, str]:
                         except ChildProcessError:
                             pass
             try:
-                driver = psutil.Process(proc.pid)
-                peak[0] = max(peak[0], driver.memory_info().rss)
-                kids = driver.children(recursive=True)
+                peak[0] = max(peak[0], psutil.Process(proc.pid).memory_info().rss)
             except psutil.Error:
-                continue
-            for k in kids:
+                pass
+            for k in me.children(recursive=True):  # the driver, its descendants and the orphans we inherited
                 try:
                     t = k.cpu_times()
-                    seen[k.pid] = t.user + t.system
+                    seen[k.pid] = max(seen.get(k.pid, 0.0), t.user + t.system)
                 except psutil.Error:
                     pass
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     stdout, stderr = proc.communicate()
-    stop.set()
-    th.join()
     wall = time.perf_counter() - t0
     if subreaper:
-        _reap_orphans(timeout=30.0)
+        _reap_orphans(set(seen), timeout=30.0)
+    stop.set()
+    th.join()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{tree} {args}: rc {proc.returncode}\n{stdout[-2000:]}\n{stderr[-4000:]}")
-    # every reaped process of the tree, once; plus the own CPU of any that is still alive (or, without the
-    # subreaper, of every descendant: a lower bound, since a process's last < 0.25 s is not polled)
-    alive = {pid for pid in seen if _running(pid)}
-    extra = sum(seen[pid] for pid in (alive if subreaper else seen))
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime) + extra
-    if subreaper and alive:
-        print(f"warning: {len(alive)} process(es) of the run outlived it; their polled CPU is added", file=sys.stderr)
+    # Two lower bounds of the tree's CPU, neither counting a process twice: the rusage of every process reaped
+    # in the tree (exact for each; complete when the subreaper caught every orphan), and the sum of every
+    # process's own CPU as last polled (misses each process's last < 0.1 s). The larger is reported.
+    reaped = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    polled = sum(seen.values())
+    cpu = max(reaped, polled)
+    print(f"  CPU s: reaped {reaped:.2f}, polled {polled:.2f} ({len(seen)} processes)", file=sys.stderr, flush=True)
     p = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
     # ru_maxrss of the driver is not used: a forked child's high-water mark starts at the parent's RSS (this
     # bench holds the reference build's bytes), which inflated every later run's figure.

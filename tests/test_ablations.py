@@ -17,6 +17,22 @@ def test_mix_without_drops_or_swaps_one_corpus() -> None:
     assert ablations._mix_without(mix, "pointmap", "/b/pm_half", 0.5) == "det3d@0.55,/b/pm_half@0.075,cot@0.3"
 
 
+def _res(ap15: float, depth: float) -> dict:
+    return {"region3d": {"AP3D": 0.0, "AP15": ap15, "median_rel_depth_error": depth}, "detect3d": {},
+            "grounding": {}}
+
+
+def test_report_says_whether_a_difference_exceeds_the_seed_spread() -> None:
+    rows = {"baseline": [_res(0.001, 0.271), _res(0.017, 0.313)],
+            "pointmap_0": [_res(0.0, 0.409), _res(0.010, 0.431)],  # depth: +0.128, ranges 0.042 / 0.022
+            "camera_norm": [_res(0.013, 0.441), _res(0.040, 0.257)]}  # depth: +0.057 within its 0.184 range
+    md = ablations.render(rows, ["# t"])
+    line = {r.split(" | ")[0].strip("| "): r for r in md.splitlines() if r.startswith("| ")}
+    assert line["pointmap_0"].endswith("| -0.4 (within the seed spread 1.6) | +0.128 (beyond the seed spread 0.042) |")
+    assert line["camera_norm"].endswith("| +0.057 (within the seed spread 0.184) |")
+    assert line["baseline"].endswith("| - | - |")
+
+
 @pytest.mark.slow
 def test_quick_rows_train_score_and_report(quick_learning_work: Path) -> None:
     work = quick_learning_work
