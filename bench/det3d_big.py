@@ -4,16 +4,19 @@ Each run is the real CLI in a fresh process (`python -m pipelines.cli build det3
 (imports, Ray start, Beam workers) is included, as a user sees it. `--trees NAME=DIR,...` names code
 trees (a checkout of the baseline commit, e.g. `git archive BASE | tar -x -C DIR`, and this one); each
 run gets `PYTHONPATH=DIR`. Per run: wall seconds, CPU seconds of the whole process tree, peak driver RSS (polled
-every 0.25 s).
+every 0.1 s).
 
-Tree CPU is exact on Linux: this bench makes itself a child subreaper (`prctl(PR_SET_CHILD_SUBREAPER)`), so every
-process of the run (Ray's GCS, raylet, agents and workers, Beam's SDK workers, the reaper watchdog) is waited for,
-by its parent or, once orphaned, by this bench; `RUSAGE_CHILDREN` then holds each process's CPU exactly once.
-(Until 2026-12-03 it added, to that rusage, every descendant's polled CPU *including its reaped children's*,
-which counted Ray's and Beam's processes two or three times: the Ray and Beam CPU figures of bench/executors.md
-before "Tree CPU, counted once" are too high.) Where the subreaper is unavailable, or a process outlives the run,
-its own CPU as last polled is used instead. Outputs are compared byte for byte with the first tree's local run.
-Prints medians over `--repeat` interleaved repetitions, ratios to the first tree's local run, and the
+Tree CPU: the larger of two lower bounds, neither of which counts a process twice. (1) `RUSAGE_CHILDREN` of
+this bench, made a child subreaper (`prctl(PR_SET_CHILD_SUBREAPER)`) that waits for the run's orphans: each
+process's CPU exactly once, but only for processes reaped inside the tree; with Ray it catches about a third
+(Ray's daemons are killed and some of their children are reaped outside the chain). (2) The sum of every
+process's own CPU (user + system, not its children's) as last polled every 0.1 s over all of this bench's
+descendants (the driver, Ray's GCS, raylet, agents and workers, Beam's SDK workers, inherited orphans): misses
+each process's last < 0.1 s (about 1 s for Ray's ~11 processes). Each run prints both. Until 2026-12-03 the
+bench added (1) to the polled CPU *including each process's reaped children*, which counted part of Ray's and
+Beam's CPU twice: Ray and Beam CPU figures in bench/executors.md before "Tree CPU counted once" are too high.
+
+Outputs are compared byte for byte with the first tree's local run. Prints medians over `--repeat` interleaved repetitions, ratios to the first tree's local run, and the
 load average before every run.
 
 Run: `.venv/bin/python -m bench.det3d_big --omni3d FILE --data-root DIR --trees base=/tmp/base,cand=.`
