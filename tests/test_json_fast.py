@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import orjson  # a pinned dependency (pyproject, requirements.lock): missing it fails, never skips
 import pytest
 
 from pipelines.sources import json_fast
 from pipelines.sources.json_fast import has_long_digit_run, load_json_path
-
-orjson = pytest.importorskip("orjson")
 
 AGREE = [  # JSON both parsers accept: orjson's values must be json.load's
     '{"a": 1, "b": [1.5, -0.0, -0, 0, 1E2, 1e-400, 5e-324, 2.4703282292062327e-324, 1.7976931348623157e308]}',
