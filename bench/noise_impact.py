@@ -99,6 +99,59 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
+def _slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of y on x (None with fewer than two distinct x)."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+
+
+def answer(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The bench's two answers, from the per-run rows (each run one point, so the seeds' spread shows).
+
+    - `ground2d_per_precision_point`: held-out grounding Acc@0.5 points per point of measured corpus
+      precision, the least-squares slope over every run (each (level, verify) setting counted once per seed:
+      the clean runs appear in both verify arms but are one training run), with the slope fitted on each
+      seed's runs alone as the spread. The same for detect_3d AP15.
+    - `verify`: per noise level with both arms, verify-on minus verify-off, paired by seed (the same seed
+      makes the same tagger errors, so the difference is the verify stage's): corpus precision, recall,
+      held-out grounding, detect_3d AP15, as mean and min..max over seeds.
+    """
+    seen: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        seen.setdefault(r["run"], r)  # a clean run counted once though it stands in both arms
+    uniq = list(seen.values())
+
+    def fit(get: Any) -> dict[str, Any]:
+        pts = [(r["seed"], 100 * r["corpus"]["precision"], get(r)) for r in uniq
+               if r["corpus"]["precision"] is not None and get(r) is not None]
+        per_seed = {s: _slope([(x, y) for t, x, y in pts if t == s]) for s in sorted({t for t, _, _ in pts})}
+        slopes = [v for v in per_seed.values() if v is not None]
+        return {"slope": _slope([(x, y) for _, x, y in pts]), "n_runs": len(pts), "per_seed": per_seed,
+                "min": min(slopes) if slopes else None, "max": max(slopes) if slopes else None}
+
+    by = {(r["noise_scale"], r["verify"], r["seed"]): r for r in runs}
+    verify = []
+    for level in sorted({r["noise_scale"] for r in runs if r["noise_scale"] > 0}):
+        seeds = sorted(s for (lv, v, s) in by if lv == level and v and (lv, False, s) in by)
+        if not seeds:
+            continue
+        row: dict[str, Any] = {"noise_scale": level, "seeds": seeds}
+        for name, get in (("precision", lambda r: 100 * r["corpus"]["precision"]),
+                          ("recall", lambda r: 100 * r["corpus"]["recall"]),
+                          ("ground2d_acc", lambda r: 100 * r["ground2d"]["accuracy"]),
+                          ("detect3d_ap15", lambda r: r["detect3d"]["AP15"])):
+            d = [get(by[(level, True, s)]) - get(by[(level, False, s)]) for s in seeds
+                 if get(by[(level, True, s)]) is not None and get(by[(level, False, s)]) is not None]
+            row[name] = {"mean": sum(d) / len(d), "min": min(d), "max": max(d)} if d else None
+        verify.append(row)
+    return {"ground2d_per_precision_point": fit(lambda r: 100 * r["ground2d"]["accuracy"]),
+            "detect3d_ap15_per_precision_point": fit(lambda r: r["detect3d"]["AP15"]),
+            "verify": verify}
+
+
 def summarize(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """Per-run rows -> noise_impact.json (runs + per-setting table) and noise_impact.png."""
     import matplotlib
@@ -122,7 +175,7 @@ def summarize(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
               "ground2d_acc": stat(rs, lambda r: r["ground2d"]["accuracy"]),
               "detect3d_ap15": stat(rs, lambda r: r["detect3d"]["AP15"])}
              for (level, verify), rs in sorted(groups.items())]
-    doc = _nan_to_none({"runs": runs, "table": table})
+    doc = _nan_to_none({"runs": runs, "table": table, "answer": answer(runs)})
     out.mkdir(parents=True, exist_ok=True)
     (out / "noise_impact.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -206,7 +259,16 @@ def main(argv: list[str] | None = None) -> int:
                      "detect3d": {"AP15": res["detect3d"]["AP15"], "AP3D": res["detect3d"]["AP3D"]}})
         print(f"{runs[-1]['name']}: precision {corpus['precision']}, grounding Acc@0.5 {res['grounding']['acc50']}, "
               f"detect_3d AP15 {res['detect3d']['AP15']}", flush=True)
-    summarize(runs, out)
+    doc = summarize(runs, out)
+    g = doc["answer"]["ground2d_per_precision_point"]
+    if g["slope"] is not None:
+        print(f"held-out grounding Acc@0.5: {g['slope']:+.3f} points per point of corpus precision "
+              f"(per seed {g['min']:+.3f}..{g['max']:+.3f}, {g['n_runs']} runs)" if g["min"] is not None else
+              f"held-out grounding Acc@0.5: {g['slope']:+.3f} points per point of corpus precision")
+    for v in doc["answer"]["verify"]:
+        if v["precision"] and v["ground2d_acc"]:
+            print(f"verify at x{v['noise_scale']:g}: precision {v['precision']['mean']:+.1f} points, "
+                  f"held-out grounding {v['ground2d_acc']['mean']:+.1f} points (seeds {v['seeds']})")
     print(f"wrote {out / 'noise_impact.json'} and {out / 'noise_impact.png'} (training {train_s:.0f} s)")
     return 0
 

@@ -51,3 +51,32 @@ def test_quick_mode_builds_audits_trains_scores_and_resumes(quick_learning_work:
     assert noise_impact.main(["--quick", "--work", str(work), "--parallel", "2"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")} == stamps  # skipped
     assert time.perf_counter() - t0 < 60
+
+
+def _run(level: float, verify: bool, seed: int, precision: float, acc: float, ap: float | None = 1.0) -> dict:
+    run = f"image_s{seed}" if level == 0 else f"noise_L{level:g}_{'v' if verify else 'nv'}_s{seed}"
+    return {"run": run, "noise_scale": level, "verify": verify, "seed": seed,
+            "corpus": {"precision": precision, "recall": 0.5},
+            "ground2d": {"accuracy": acc}, "detect3d": {"AP15": ap}}
+
+
+def test_answer_fits_the_slope_and_pairs_verify_by_seed() -> None:
+    """Known lines: seed 0 gains 0.10 accuracy points per precision point, seed 1 0.20; verify adds +10
+    precision points at level 1 and its grounding difference is paired by seed."""
+    runs = []
+    for seed, k in ((0, 0.10), (1, 0.20)):
+        for level, verify, prec in ((0, True, 1.0), (0, False, 1.0), (1, False, 0.8), (1, True, 0.9),
+                                    (4, False, 0.4)):
+            runs.append(_run(level, verify, seed, prec, (10 - k * (100 - 100 * prec)) / 100))
+    a = noise_impact.answer(runs)
+    g = a["ground2d_per_precision_point"]
+    assert g["n_runs"] == 8  # the clean run once per seed, though it stands in both arms
+    assert g["per_seed"] == pytest.approx({0: 0.10, 1: 0.20})
+    assert g["min"] == pytest.approx(0.10) and g["max"] == pytest.approx(0.20)
+    assert g["slope"] == pytest.approx(0.15)
+    assert a["detect3d_ap15_per_precision_point"]["slope"] == pytest.approx(0.0)
+    (v,) = a["verify"]  # level 4 has no verify-on run: no row
+    assert v["noise_scale"] == 1 and v["seeds"] == [0, 1]
+    assert v["precision"]["mean"] == pytest.approx(10.0)
+    assert v["ground2d_acc"]["min"] == pytest.approx(1.0) and v["ground2d_acc"]["max"] == pytest.approx(2.0)
+    assert noise_impact._slope([(1.0, 2.0), (1.0, 3.0)]) is None
