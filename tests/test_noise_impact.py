@@ -29,7 +29,7 @@ def test_with_cot_swaps_only_the_cot_corpus(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_mode_builds_audits_trains_scores_and_resumes(quick_learning_work: Path) -> None:
     work = quick_learning_work
-    assert noise_impact.main(["--quick", "--work", str(work), "--parallel", "2"]) == 0
+    assert noise_impact.main(["--quick", "--work", str(work), "--parallel", "2", "--grounding-all"]) == 0
     doc = json.loads((work / "noise_impact.json").read_text())
     runs = {r["name"]: r for r in doc["runs"]}
     assert sorted(runs) == ["L0_nv_s0", "L0_v_s0", "L2_nv_s0", "L2_v_s0"]
@@ -40,12 +40,14 @@ def test_quick_mode_builds_audits_trains_scores_and_resumes(quick_learning_work:
     for r in runs.values():
         assert r["config"] == "tiny"
         assert r["ground2d"]["n"] > 0 and 0.0 <= r["ground2d"]["accuracy"] <= 1.0
+        assert r["ground2d"]["n"] > r["ground2d_first"]["n"]  # --grounding-all: every held-out mention
         assert r["detect3d"]["AP15"] is None or 0.0 <= r["detect3d"]["AP15"] <= 100.0
         assert (work / "runs" / r["run"] / "final" / "gr3d_config.json").is_file()
     cfg = json.loads((work / "runs" / "noise_L2_v_s0" / "config.json").read_text())
     assert "cot_L2_v_s0@" in cfg["data"]["mix"] and "cot_L2_v_s0" not in json.dumps(
         json.loads((work / "runs" / "image_s0" / "config.json").read_text()))
     assert len(doc["table"]) == 4 and (work / "noise_impact.png").stat().st_size > 1000
+    assert doc["blind"] == {} and doc["answer"]["verify"][0]["noise_scale"] == 2  # (no blind run in this folder)
     stamps = {p: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")}
     t0 = time.perf_counter()
     assert noise_impact.main(["--quick", "--work", str(work), "--parallel", "2"]) == 0
