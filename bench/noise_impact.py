@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.learning import ROOT, RunSpec, evaluate_all, setup, train_all
+from bench.learning import ROOT, RunSpec, evaluate_all, finished, setup, train_all
 
 COT_MIX_NAME = "cot"
 """Name of the cot corpus in the recipe's mixture; each noise run swaps in its own build at the same weight."""
@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grounding-all", action="store_true",
                    help="score grounding on every held-out mention (1,197 on the full world, not --grounding's "
                         "first ones) for the table, the plot and the answer; the blind runs too, as a baseline")
+    p.add_argument("--only-finished", action="store_true",
+                   help="gather only the settings whose training runs are finished (train nothing): the curve "
+                        "so far, while other settings are still to train")
     p.add_argument("--parallel", type=int, default=1, help="training runs (then evaluations) at once")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides")
     p.add_argument("--out", type=Path, default=None,
@@ -289,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"noise_{name}", level, verify, seed, corpus))
             specs.append(RunSpec(f"noise_{name}", seed,
                                  overrides=("--data.mix", with_cot(mix, Path(corpus["build"])))))
+    if a.only_finished:
+        done = {sp.name for sp in specs if finished(work / "runs" / sp.name, steps or 0)}
+        left = sorted({r[0] for r in rows} - done)
+        if left:
+            print(f"--only-finished: leaving out {len(left)} run(s) not trained yet: {', '.join(left)}")
+        rows = [r for r in rows if r[0] in done]
+        specs = [sp for sp in specs if sp.name in done]
     t0 = time.perf_counter()
     train_all(list(dict.fromkeys(specs)), builds, work / "runs", config, steps, overrides, a.parallel)
     train_s = time.perf_counter() - t0

@@ -24,6 +24,7 @@ from typing import Any
 
 import jsonschema
 import numpy as np
+import orjson
 from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 
@@ -168,7 +169,7 @@ def validate(kind: str, record: Any) -> None:
     `invalid det3d record: objects[2].box3d.dimensions[0]: -1.0 is less than or equal to the minimum of 0 [exclusiveMinimum]`.
     """
     v = _validator(kind) if kind in KINDS else schema(kind)  # schema() raises the unknown-kind error
-    problems = list(_non_finite(record, []))
+    problems = [] if _surely_finite(record) else list(_non_finite(record, []))
     if problems:
         raise SchemaError(kind, problems)
     if _fast_validator(kind)(record):  # compiled check: the common case (valid) costs ~10x less
@@ -192,6 +193,17 @@ def _describe(err: jsonschema.ValidationError) -> tuple[str, str]:
     if len(msg) > 200:
         msg = msg[:197] + "..."
     return format_path(err.absolute_path), f"{msg} [{err.validator}]"
+
+
+def _surely_finite(record: Any) -> bool:
+    """True when `record` is plain JSON data without NaN or infinities, found in C (~10x faster than walking it
+    with `_non_finite`): orjson writes a NaN or infinity as `null`, which reads back unequal to it. False
+    for anything orjson cannot write (numpy values, bad keys) or that reads back otherwise (tuples): then
+    `_non_finite` walks the record and names the field."""
+    try:
+        return orjson.loads(orjson.dumps(record)) == record
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return False
 
 
 def _non_finite(obj: Any, path: list[str | int]) -> Iterator[tuple[str, str]]:

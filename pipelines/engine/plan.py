@@ -28,9 +28,8 @@ from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from pipelines.engine.stage import Item, Stage
+from shards.jsonio import exact_orjson
 from shards.layout import INTERMEDIATE_DIR, PLAN_FILE, BuildLayout, remove_intermediate_temps, shards_dir
 
 
@@ -231,34 +230,13 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-# Where orjson's text may differ from `json.dumps`'s (then `json.dumps` writes it): string escapes and
-# non-ASCII text (`json.dumps` escapes every byte outside space..~, orjson writes UTF-8 and DEL as they are),
-# and floats below 1e-4 (Python writes `1e-05`, orjson `0.00001`, `1e-5` or `1e-05` by magnitude). A string
-# that merely contains these bytes takes the slow path too; that costs time, never a different text.
-_ORJSON_MAY_DIFFER = (b"\\", b"\x7f", b"e-", b"0.0000")  # and any byte over 0x7f (`bytes.isascii`)
-_ORJSON_OPTS = (orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
-                | orjson.OPT_PASSTHROUGH_SUBCLASS)
-
-
 def _canonical_value(obj: Any) -> bytes:
-    """`canonical_json(obj).encode()` for one value, by orjson when its text is certain to be the same.
-
-    Certain means: orjson wrote it with no `default` (so only str, int within 64 bits, float, bool, None,
-    list, tuple, dict with str keys: a subclass, dataclass, datetime, Path or numpy value raises and goes to
-    `json.dumps`), none of `_ORJSON_MAY_DIFFER` is in the text, and the text reads back equal to `obj`. The
-    read-back catches what orjson writes differently without raising: NaN and infinities (orjson writes
-    `null`), tuples (a list reads back: unequal, though the text would agree), enum members (orjson writes
-    their value). On det3d items this text costs ~0.4x `json.dumps`'s CPU, the checks included, and a chunk's
-    digest (unpickling its items too) 0.57x (bench/executors.md, "Chunk digests by orjson").
-    """
-    try:
-        out = orjson.dumps(obj, option=_ORJSON_OPTS)
-    except TypeError:  # orjson.JSONEncodeError is a TypeError
-        out = None
-    if (out is not None and out.isascii() and not any(m in out for m in _ORJSON_MAY_DIFFER)  # (a regex: 5x slower)
-            and orjson.loads(out) == obj):
-        return out
-    return canonical_json(obj).encode()
+    """`canonical_json(obj).encode()` for one value: orjson's text when it is certain to be the same
+    (`shards.jsonio.exact_orjson`, ASCII only since `canonical_json` escapes non-ASCII), else `json.dumps`'s.
+    On det3d items this costs ~0.4x `json.dumps`'s CPU, the checks included, and a chunk's digest
+    (unpickling its items too) 0.57x (bench/executors.md, "Chunk digests by orjson")."""
+    fast = exact_orjson(obj, ascii_only=True)
+    return fast[0] if fast is not None else canonical_json(obj).encode()
 
 
 def canonical_bytes(obj: Any) -> bytes:
