@@ -146,6 +146,11 @@ def _slope(points: list[tuple[float, float]]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
 
 
+def _pct(x: float | None) -> float | None:
+    """A fraction (accuracy, AP) in points; None stays None (no detection scored)."""
+    return None if x is None else 100 * x
+
+
 def answer(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The bench's two answers, from the per-run rows (each run one point, so the seeds' spread shows).
 
@@ -155,7 +160,7 @@ def answer(runs: list[dict[str, Any]]) -> dict[str, Any]:
       seed's runs alone as the spread. The same for detect_3d AP15.
     - `verify`: per noise level with both arms, verify-on minus verify-off, paired by seed (the same seed
       makes the same tagger errors, so the difference is the verify stage's): corpus precision, recall,
-      held-out grounding, detect_3d AP15, as mean and min..max over seeds.
+      held-out grounding, detect_3d AP15, all in points, as mean and min..max over seeds.
     """
     seen: dict[str, dict[str, Any]] = {}
     for r in runs:
@@ -180,13 +185,13 @@ def answer(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for name, get in (("precision", lambda r: 100 * r["corpus"]["precision"]),
                           ("recall", lambda r: 100 * r["corpus"]["recall"]),
                           ("ground2d_acc", lambda r: 100 * r["ground2d"]["accuracy"]),
-                          ("detect3d_ap15", lambda r: r["detect3d"]["AP15"])):
+                          ("detect3d_ap15", lambda r: _pct(r["detect3d"]["AP15"]))):
             d = [get(by[(level, True, s)]) - get(by[(level, False, s)]) for s in seeds
                  if get(by[(level, True, s)]) is not None and get(by[(level, False, s)]) is not None]
             row[name] = {"mean": sum(d) / len(d), "min": min(d), "max": max(d)} if d else None
         verify.append(row)
     return {"ground2d_per_precision_point": fit(lambda r: 100 * r["ground2d"]["accuracy"]),
-            "detect3d_ap15_per_precision_point": fit(lambda r: r["detect3d"]["AP15"]),
+            "detect3d_ap15_per_precision_point": fit(lambda r: _pct(r["detect3d"]["AP15"])),
             "verify": verify}
 
 

@@ -69,16 +69,17 @@ def test_answer_fits_the_slope_and_pairs_verify_by_seed() -> None:
     for seed, k in ((0, 0.10), (1, 0.20)):
         for level, verify, prec in ((0, True, 1.0), (0, False, 1.0), (1, False, 0.8), (1, True, 0.9),
                                     (4, False, 0.4)):
-            runs.append(_run(level, verify, seed, prec, (10 - k * (100 - 100 * prec)) / 100))
+            runs.append(_run(level, verify, seed, prec, (10 - k * (100 - 100 * prec)) / 100, ap=prec / 10))
     a = noise_impact.answer(runs)
     g = a["ground2d_per_precision_point"]
     assert g["n_runs"] == 8  # the clean run once per seed, though it stands in both arms
     assert g["per_seed"] == pytest.approx({0: 0.10, 1: 0.20})
     assert g["min"] == pytest.approx(0.10) and g["max"] == pytest.approx(0.20)
     assert g["slope"] == pytest.approx(0.15)
-    assert a["detect3d_ap15_per_precision_point"]["slope"] == pytest.approx(0.0)
+    assert a["detect3d_ap15_per_precision_point"]["slope"] == pytest.approx(0.1)  # AP15 is a fraction: in points
     (v,) = a["verify"]  # level 4 has no verify-on run: no row
     assert v["noise_scale"] == 1 and v["seeds"] == [0, 1]
     assert v["precision"]["mean"] == pytest.approx(10.0)
     assert v["ground2d_acc"]["min"] == pytest.approx(1.0) and v["ground2d_acc"]["max"] == pytest.approx(2.0)
+    assert v["detect3d_ap15"]["mean"] == pytest.approx(1.0)
     assert noise_impact._slope([(1.0, 2.0), (1.0, 3.0)]) is None
