@@ -24,7 +24,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,13 +153,20 @@ def evaluate_all(jobs: Sequence[tuple[Path, Path, bool]], world: Path, builds: P
                  grounding: int, threads: int, parallel: int) -> list[dict[str, Any]]:
     """`evaluate_run` of every (run folder, result file, constrained), `parallel` processes at once."""
     args = [(run, world, builds, result, c, eval_images, grounding, threads) for run, result, c in jobs]
-    if parallel > 1 and sum(not result.is_file() for _, result, _ in jobs) > 1:
+    return map_parallel(_evaluate_star, args, parallel, sum(not result.is_file() for _, result, _ in jobs))
+
+
+def map_parallel(star: Callable[[tuple[Any, ...]], Any], args: Sequence[tuple[Any, ...]], parallel: int,
+                 todo: int) -> list[Any]:
+    """`star(a)` for every `a` in `args`, in `parallel` spawned processes when more than one (`todo`) has work
+    left (a cached result costs nothing, so a pool would only add its start-up); else in this process."""
+    if parallel > 1 and todo > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(_evaluate_star, args))
-    return [evaluate_run(*x) for x in args]
+            return list(pool.map(star, args))
+    return [star(a) for a in args]
 
 
 def evaluate_run(run: Path, world: Path, builds: Path, result: Path, constrained: bool, eval_images: int,

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.learning import ROOT, RunSpec, evaluate_all, finished, setup, train_all
+from bench.learning import ROOT, RunSpec, evaluate_all, finished, map_parallel, setup, train_all
 
 COT_MIX_NAME = "cot"
 """Name of the cot corpus in the recipe's mixture; each noise run swaps in its own build at the same weight."""
@@ -114,17 +114,6 @@ def grounding_all(run: Path, builds: Path, result: Path) -> dict[str, Any]:
 
 def _grounding_all_star(x: tuple[Path, Path, Path]) -> dict[str, Any]:
     return grounding_all(*x)
-
-
-def grounding_all_runs(jobs: list[tuple[Path, Path, Path]], parallel: int) -> list[dict[str, Any]]:
-    """`grounding_all` of every (run, builds, result), `parallel` processes at once."""
-    if parallel > 1 and sum(not r.is_file() for _, _, r in jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(_grounding_all_star, jobs))
-    return [grounding_all(*j) for j in jobs]
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -314,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.grounding_all:
         names = list(dict.fromkeys(r[0] for r in rows)) + [f"blind_s{s}" for s in a.seeds
                                                            if (work / "runs" / f"blind_s{s}" / "final").is_dir()]
-        got = grounding_all_runs([(work / "runs" / n, builds, results / f"{n}_grounding_all.json") for n in names],
-                                 a.parallel)
+        gjobs = [(work / "runs" / n, builds, results / f"{n}_grounding_all.json") for n in names]
+        got = map_parallel(_grounding_all_star, gjobs, a.parallel, sum(not r.is_file() for _, _, r in gjobs))
         full = {n: g["grounding"] for n, g in zip(names, got)}
     runs = []
     for run, level, verify, seed, corpus in rows:
@@ -327,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                      "ground2d": ({"accuracy": full[run]["acc50"], "n": full[run]["n"]} if run in full else first),
                      "ground2d_first": first,
                      "detect3d": {"AP15": res["detect3d"]["AP15"], "AP3D": res["detect3d"]["AP3D"]}})
-        print(f"{runs[-1]['name']}: precision {corpus['precision']}, grounding Acc@0.5 {res['grounding']['acc50']}, "
+        print(f"{runs[-1]['name']}: precision {corpus['precision']}, grounding Acc@0.5 "
+              f"{runs[-1]['ground2d']['accuracy']} (n {runs[-1]['ground2d']['n']}), "
               f"detect_3d AP15 {res['detect3d']['AP15']}", flush=True)
     blind = {n: {"accuracy": g["acc50"], "n": g["n"]} for n, g in full.items() if n.startswith("blind_")}
     doc = summarize(runs, out, blind)
