@@ -43,6 +43,21 @@ from tests.test_executors_toy import compared_files  # what must be byte-identic
 _PR_SET_CHILD_SUBREAPER = 36
 
 
+def _without_stats_keys(files: dict[str, bytes], keys: str) -> dict[str, bytes]:
+    """`compared_files` with the top-level `keys` (comma-separated) removed from every shard stats file."""
+    drop = [k for k in keys.split(",") if k]
+    if not drop:
+        return files
+    out = dict(files)
+    for name, data in files.items():
+        if name.endswith(".stats.json"):
+            d = json.loads(data)
+            for k in drop:
+                d.pop(k, None)
+            out[name] = json.dumps(d, sort_keys=True).encode()
+    return out
+
+
 def _become_subreaper() -> bool:
     """Make this process inherit the run's orphans (Linux), so their CPU can be waited for and counted."""
     try:
@@ -155,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-size", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--stats-ignore", default="", help="KEY,... left out of the shard stats files when comparing "
+                    "outputs: for trees of which one adds a stats entry (e.g. `features`); every other byte compared")
     a = ap.parse_args(argv)
     trees = [(t.split("=", 1)[0], str(Path(t.split("=", 1)[1]).resolve())) for t in a.trees.split(",")]
     execs = [e for e in a.executors.split(",") if e] + (["dry-run"] if a.dry_run_too else [])
@@ -179,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                     wall, cpu, rss, stdout = run_once(tree, cli)
                     rows.setdefault((name, ex), []).append((wall, cpu, rss))
                     if ex != "dry-run":
-                        got = compared_files(out, with_plan=True)
+                        got = _without_stats_keys(compared_files(out, with_plan=True), a.stats_ignore)
                         if ref is None:
                             ref = got
                             n = json.loads((out / "manifest.json").read_text())["totals"]["n_input"]

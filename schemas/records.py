@@ -26,7 +26,6 @@ import jsonschema
 import numpy as np
 import orjson
 from jsonschema.exceptions import best_match
-from referencing import Registry, Resource
 
 __all__ = ["KINDS", "SAMPLE_KINDS", "SchemaError", "format_path", "schema", "validate"]
 
@@ -74,16 +73,6 @@ def _load_json(name: str) -> dict[str, Any]:
         raise RuntimeError(f"schema file {name}.schema.json is missing from the schemas package") from e
 
 
-@functools.lru_cache(maxsize=1)
-def _registry() -> Registry:
-    resources_ = []
-    for name in (_COMMON, *KINDS):
-        doc = _load_json(name)
-        jsonschema.Draft202012Validator.check_schema(doc)
-        resources_.append((doc["$id"], Resource.from_contents(doc)))
-    return Registry().with_resources(resources_)
-
-
 def schema(kind: str) -> dict[str, Any]:
     """The (cached) schema document of `kind`; raises `SchemaError` for an unknown kind."""
     if kind not in KINDS:
@@ -93,7 +82,8 @@ def schema(kind: str) -> dict[str, Any]:
 
 @functools.cache
 def _validator(kind: str) -> jsonschema.Draft202012Validator:
-    _registry()  # checks every schema document once
+    # The schema documents themselves are checked against the 2020-12 metaschema by the test suite
+    # (tests/test_records.py), not here: that check cost ~0.25 s of CPU in every process that writes.
     doc = _load_json(kind)
     # Validating every written record is on the builders' hot path; resolving `$ref`s through the
     # registry at each use costs about half the validation time, so they are inlined once here.

@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 
 from shards.layout import CARD_FILE, FEATURES_FILE
 
-__all__ = ["build_features", "card_text", "features_to_dict", "features_to_yaml",
-           "write_hf_files"]
+__all__ = ["ShardFeatures", "build_features", "card_text", "features_to_dict", "features_to_yaml",
+           "load_record", "member_ext", "merge_features", "write_hf_files"]
 
 _IMAGE_EXTS = {"jpg", "jpeg", "png"}
 _META = ("__key__", "__url__")
@@ -50,6 +51,7 @@ _ARROW_DTYPES = {
     pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64", pa.string(): "string",
     pa.large_string(): "large_string", pa.binary(): "binary",
 }
+_DTYPE_ARROW = {v: k for k, v in _ARROW_DTYPES.items()}
 
 
 def _from_arrow(t: pa.DataType) -> Feature:
@@ -101,7 +103,7 @@ def _tar_members(tar: Path) -> Iterator[tuple[str, str, bytes | None]]:
                 base = name.rpartition("/")[2]
                 dot = base.find(".")
                 if dot >= 0:
-                    ext = base[dot + 1:].lower()
+                    ext = member_ext(name)
                     yield name[: len(name) - len(base) + dot], ext, mm[start:start + size] if _wanted(ext) else None
 
 
@@ -130,35 +132,159 @@ def _npy_header(fh: io.BufferedIOBase) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), dtype
 
 
+def member_ext(name: str) -> str:
+    """The extension webdataset groups a tar member under: what follows the first dot of its base name, lower case."""
+    base = name.rpartition("/")[2]
+    dot = base.find(".")
+    return base[dot + 1:].lower() if dot >= 0 else ""
+
+
+def load_record(data: bytes) -> Any:
+    """`json.loads` of a record as the writer wrote it; orjson when it reads the text the same way (faster).
+
+    orjson refuses what it would read differently (integers past 64 bits, lone surrogates), so those go to
+    `json.loads`; the writer never writes NaN or Infinity, which both would read differently."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+class ShardFeatures:
+    """One shard's share of the build's features: its records' Arrow type, its `.npy` headers (member, ndim,
+    trailing dimensions, dtype) and its image kinds.
+
+    The shard writer fills one from the very member bytes it puts in the tar (`add_member`) and stores it in
+    the shard's stats file (`to_json`), so `finalize` merges small summaries (`merge_features`) instead of
+    reading every record of the build again in the driver; a shard whose stats carry none (written by an
+    older version) is read from its tar (`of_tar`), with the same result by construction.
+    """
+
+    __slots__ = ("_records", "record_type", "npy", "images")
+
+    def __init__(self) -> None:
+        self._records: list[Any] = []
+        self.record_type: pa.DataType | None = None
+        self.npy: dict[str, set[tuple[int, tuple[int, ...], str]]] = {}
+        self.images: set[str] = set()
+
+    def add_member(self, ext: str, data: bytes | None) -> None:
+        """One tar member (`member_ext` of its name; data needed for records and arrays only)."""
+        if ext == "json":
+            self.add_record(load_record(data))  # type: ignore[arg-type]
+        elif _wanted(ext):
+            shape, dtype = _npy_header(io.BytesIO(data))  # type: ignore[arg-type]
+            self.npy.setdefault(ext, set()).add((len(shape), tuple(shape[1:]), np.dtype(dtype).name))
+        elif ext in _IMAGE_EXTS:
+            self.images.add(ext)
+
+    def add_record(self, record: Any) -> None:
+        """A record as `load_record` read it, in tar order (Arrow orders struct fields by first appearance)."""
+        self._records.append(record)
+
+    def finish(self) -> ShardFeatures:
+        """Type the records added so far (one Arrow type holding them all); raises if Arrow cannot."""
+        if self._records:
+            t = pa.array(self._records).type
+            self.record_type = t if self.record_type is None else _unify([self.record_type, t])
+            self._records = []
+        return self
+
+    @classmethod
+    def of_tar(cls, tar: str | os.PathLike[str]) -> ShardFeatures:
+        """Read a shard's records and npy headers (not its pixels)."""
+        f = cls()
+        for _, ext, data in _tar_members(Path(tar)):
+            f.add_member(ext, data)
+        return f.finish()
+
+    def to_json(self) -> dict[str, Any]:
+        """The stats-file form (plain JSON; struct fields keep their order as lists)."""
+        self.finish()
+        return {
+            "json": None if self.record_type is None else _feature_to_json(_from_arrow(self.record_type)),
+            "npy": {k: [[n, list(t), d] for n, t, d in sorted(v)] for k, v in sorted(self.npy.items())},
+            "images": sorted(self.images),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ShardFeatures:
+        """Inverse of `to_json` (raises ValueError on a form it did not write)."""
+        f = cls()
+        try:
+            if d["json"] is not None:
+                f.record_type = _to_arrow(_feature_from_json(d["json"]))
+            f.npy = {k: {(int(n), tuple(int(x) for x in t), str(dt)) for n, t, dt in v} for k, v in d["npy"].items()}
+            f.images = {str(x) for x in d["images"]}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a shard features entry: {exc!r}") from exc
+        return f
+
+
+def _feature_to_json(f: Feature) -> Any:
+    kind = f[0]
+    if kind == "value":
+        return ["value", f[1]]
+    if kind == "list":
+        return ["list", _feature_to_json(f[1])]
+    if kind == "struct":
+        return ["struct", [[k, _feature_to_json(v)] for k, v in f[1].items()]]
+    raise TypeError(f"a record has no {kind} feature")
+
+
+def _feature_from_json(j: Any) -> Feature:
+    kind = j[0]
+    if kind == "value" and j[1] in _DTYPE_ARROW:
+        return ("value", j[1])
+    if kind == "list":
+        return ("list", _feature_from_json(j[1]))
+    if kind == "struct":
+        return ("struct", {str(k): _feature_from_json(v) for k, v in j[1]})
+    raise ValueError(f"unknown feature {j!r}")
+
+
+def _to_arrow(f: Feature) -> pa.DataType:
+    """Inverse of `_from_arrow` on the types Arrow infers from JSON values."""
+    if f[0] == "value":
+        return _DTYPE_ARROW[f[1]]
+    if f[0] == "list":
+        return pa.list_(_to_arrow(f[1]))
+    return pa.struct([pa.field(k, _to_arrow(v)) for k, v in f[1].items()])
+
+
+def _unify(types: list[pa.DataType]) -> pa.DataType:
+    schemas = [pa.schema([pa.field("json", t)]) for t in types]
+    return pa.unify_schemas(schemas, promote_options="permissive").field("json").type
+
+
 def build_features(tars: Iterable[str | os.PathLike[str]]) -> dict[str, Feature]:
     """The features of the samples in `tars` (see the module docstring), reading records and npy headers only."""
+    return merge_features(ShardFeatures.of_tar(t) for t in tars)
+
+
+def merge_features(shards: Iterable[ShardFeatures]) -> dict[str, Feature]:
+    """The build's features from its shards' (see the module docstring)."""
     record_types: list[pa.DataType] = []
-    npy: dict[str, list[tuple[tuple[int, ...], np.dtype]]] = {}
+    npy: dict[str, set[tuple[int, tuple[int, ...], str]]] = {}
     images: set[str] = set()
-    for tar in tars:
-        recs: list[Any] = []
-        for _, ext, data in _tar_members(Path(tar)):
-            if ext == "json":
-                recs.append(json.loads(data))  # type: ignore[arg-type]
-            elif _wanted(ext):
-                npy.setdefault(ext, []).append(_npy_header(io.BytesIO(data)))  # type: ignore[arg-type]
-            elif ext in _IMAGE_EXTS:
-                images.add(ext)
-        if recs:
-            record_types.append(pa.array(recs).type)  # one type holding every record of the shard
+    for sf in shards:
+        if sf.record_type is not None:
+            record_types.append(sf.record_type)
+        for k, v in sf.npy.items():
+            npy.setdefault(k, set()).update(v)
+        images |= sf.images
     feats: dict[str, Feature] = {}
     if record_types:
-        schemas = [pa.schema([pa.field("json", t)]) for t in record_types]
-        feats["json"] = _from_arrow(pa.unify_schemas(schemas, promote_options="permissive").field("json").type)
+        feats["json"] = _from_arrow(_unify(record_types))
     for ext in sorted(images):
         feats[ext] = ("image",)
     for name, headers in sorted(npy.items()):
-        dtypes = {np.dtype(d).name for _, d in headers}
+        dtypes = {d for _, _, d in headers}
         if len(dtypes) != 1:
             raise ValueError(f"member {name!r} has several dtypes across the build: {sorted(dtypes)}")
         dtype = dtypes.pop()
-        ndims = {len(s) for s, _ in headers}
-        trailing = {s[1:] for s, _ in headers}
+        ndims = {n for n, _, _ in headers}
+        trailing = {t for _, t, _ in headers}
         if ndims == {1}:
             feats[name] = ("list", ("value", dtype))
         elif len(ndims) == 1 and len(trailing) == 1 and 2 <= next(iter(ndims)) <= 5:
@@ -236,13 +362,13 @@ def card_text(feats: dict[str, Feature], corpus: str, n_samples: int) -> str:
     )
 
 
-def write_hf_files(build_dir: str | os.PathLike[str], tars: Iterable[str | os.PathLike[str]], corpus: str,
+def write_hf_files(build_dir: str | os.PathLike[str], shards: Iterable[ShardFeatures], corpus: str,
                    n_samples: int) -> dict[str, Feature]:
-    """Write FEATURES_FILE and CARD_FILE into `build_dir` (atomically); return the features."""
+    """Write FEATURES_FILE and CARD_FILE into `build_dir` (atomically) from the shards' features; return them."""
     from shards.writer import atomic_write
 
     build = Path(build_dir)
-    feats = build_features(tars)
+    feats = merge_features(shards)
     data = (json.dumps(features_to_dict(feats), indent=1, sort_keys=False) + "\n").encode()
     atomic_write(build / FEATURES_FILE, lambda f: f.write(data))
     card = card_text(feats, corpus, n_samples).encode()

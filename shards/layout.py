@@ -30,7 +30,7 @@ from shards import jsonio
 
 __all__ = [
     "SHARD_DIGITS", "SHARDS_DIR", "INTERMEDIATE_DIR", "PLAN_FILE", "INDEX_FILE", "REJECTS_FILE", "MANIFEST_FILE",
-    "RUN_FILE", "FEATURES_FILE", "CARD_FILE", "SETUP_ERROR_FILE", "BUILD_OUTPUTS", "BuildLayout", "shard_name", "shards_dir", "tar_path", "index_path", "rejects_path",
+    "RUN_FILE", "FEATURES_FILE", "CARD_FILE", "SETUP_ERROR_FILE", "CHUNK_INPUTS_DIR", "BUILD_OUTPUTS", "BuildLayout", "shard_name", "shards_dir", "tar_path", "index_path", "rejects_path",
     "stats_path", "intermediate_path", "is_done", "clean_partial", "remove_intermediate_temps",
 ]
 
@@ -45,9 +45,12 @@ RUN_FILE = "run.json"
 FEATURES_FILE = "features.json"
 CARD_FILE = "README.md"  # the name `datasets.load_dataset(BUILD_DIR)` reads its card from
 SETUP_ERROR_FILE = "setup_error.json"  # never left in a build: the driver takes it when the run fails
+# The to-do chunks' encoded inputs, for workers that read them from storage (Beam); removed when the run ends,
+# and a killed run's by the next run's `prepare_build_dir`.
+CHUNK_INPUTS_DIR = ".chunk_inputs"
 # What `--overwrite` deletes: only the paths a build writes, never anything else in the directory.
 BUILD_OUTPUTS = (SHARDS_DIR, INTERMEDIATE_DIR, INDEX_FILE, REJECTS_FILE, MANIFEST_FILE, RUN_FILE, PLAN_FILE,
-                 FEATURES_FILE, CARD_FILE)
+                 FEATURES_FILE, CARD_FILE, CHUNK_INPUTS_DIR)
 
 
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from schemas import records
 from shards import jsonio
-from shards.hf_card import write_hf_files
+from shards.hf_card import ShardFeatures, write_hf_files
 from shards.layout import index_path, rejects_path, shard_name, shards_dir, stats_path
 from shards.writer import INDEX_SCHEMA, REJECTS_SCHEMA, atomic_write, write_parquet
 
@@ -99,7 +99,7 @@ def _git_describe() -> str | None:
 def _merge(paths: list[Path], schema: pa.Schema, what: str) -> pa.Table:
     tables = []
     for p in paths:
-        t = pq.read_table(p)
+        t = pq.ParquetFile(p).read()  # not `read_table`: that imports pyarrow.dataset (and pandas), ~0.3 s
         if not t.schema.equals(schema):
             raise FinalizeError(f"{p}: {what} schema differs from the writer's:\n{t.schema}\nexpected:\n{schema}")
         tables.append(t)
@@ -166,8 +166,9 @@ def finalize(build_dir: str | os.PathLike[str], config: Mapping[str, Any], code_
     records.validate("manifest", manifest)
     data = jsonio.dumps(manifest, indent=1) + b"\n"
     atomic_write(build / "manifest.json", lambda f: f.write(data))
-    # Column types for Hugging Face `datasets`, over every sample (shards/hf_card.py).
-    write_hf_files(build, [build / s["tar"] for s in shards], ",".join(sorted(by_corpus)) or "empty",
+    # Column types for Hugging Face `datasets`, over every sample (shards/hf_card.py): merged from the
+    # shards' stats; a shard whose stats carry none (an older writer, or records Arrow could not type) is read.
+    write_hf_files(build, (_shard_features(build, st) for st in all_stats), ",".join(sorted(by_corpus)) or "empty",
                    totals["n_samples"])
 
     run = {
@@ -181,6 +182,16 @@ def finalize(build_dir: str | os.PathLike[str], config: Mapping[str, Any], code_
     run_data = jsonio.dumps(run, indent=1) + b"\n"
     atomic_write(build / "run.json", lambda f: f.write(run_data))
     return manifest
+
+
+def _shard_features(build: Path, stats: Mapping[str, Any]) -> ShardFeatures:
+    entry = stats.get("features")
+    if entry is None:
+        return ShardFeatures.of_tar(build / "shards" / stats["tar"])
+    try:
+        return ShardFeatures.from_json(entry)
+    except ValueError as e:
+        raise FinalizeError(f"cannot finalize {build}: {stats_path(build, stats['shard'])}: {e}") from e
 
 
 def _user() -> str:

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import records
-from shards import jsonio
+from shards import hf_card, jsonio
 from shards.keys import InvalidKey, validate_key
 from shards.layout import (
     clean_partial,
@@ -319,6 +319,7 @@ class _Spooled:
     size: int
     row: dict[str, Any]
     dropped: dict[str, int] = field(default_factory=dict)  # record source.dropped: annotations left out
+    record: Any = None  # the record as a reader parses it back (the shard's features, hf_card.ShardFeatures)
 
 
 class ShardWriter:
@@ -342,6 +343,7 @@ class ShardWriter:
                                                                 suffix=".tmp")
         self._spooled: dict[str, _Spooled] = {}
         self._rejects: list[dict[str, Any]] = []
+        self._features = hf_card.ShardFeatures()
         self._closed = False
         self.stats: dict[str, Any] | None = None
 
@@ -384,16 +386,17 @@ class ShardWriter:
             raise SampleError(f"sample {key!r}: {e}") from e
         check_sample(sample, plain, check_images=self.check_images)
 
-        blob = b"".join(
-            [tar_member_bytes(f"{key}.json", jsonio.dumps(plain)),
-             tar_member_bytes(f"{key}.{sample.image_ext}", bytes(sample.image_bytes))]
-            + [tar_member_bytes(f"{key}.{n}.npy", _npy_bytes(sample.arrays[n])) for n in sorted(sample.arrays)]
-        )
+        text = jsonio.dumps(plain)
+        members = ([(f"{key}.{sample.image_ext}", bytes(sample.image_bytes))]
+                   + [(f"{key}.{n}.npy", _npy_bytes(sample.arrays[n])) for n in sorted(sample.arrays)])
+        blob = b"".join([tar_member_bytes(f"{key}.json", text)] + [tar_member_bytes(n, d) for n, d in members])
         assert self._spool is not None
         off = self._spool.seek(0, os.SEEK_END)
         self._spool.write(blob)
         self._spooled[key] = _Spooled(key, off, len(blob), self._index_row(key, sample, plain),
-                                      dict(plain["source"].get("dropped") or {}))
+                                      dict(plain["source"].get("dropped") or {}), hf_card.load_record(text))
+        for name, data in members:  # image kinds and npy headers; the records are typed in key order at close
+            self._features.add_member(hf_card.member_ext(name), data)
 
     def add_reject(self, reject: Any) -> None:
         """Record an input (or part of one) that did not become a sample: key, stage, reason, message."""
@@ -481,6 +484,9 @@ class ShardWriter:
         }
         if extra:
             stats["extra"] = extra
+        features = self._shard_features(entries)
+        if features is not None:
+            stats["features"] = features
         if timing is not None:
             stats["timing"] = timing
         stats = jsonio.to_jsonable(stats)
@@ -490,6 +496,17 @@ class ShardWriter:
         self._release()
         self.stats = stats
         return stats
+
+    def _shard_features(self, entries: list[_Spooled]) -> dict[str, Any] | None:
+        """This shard's share of the build's Hugging Face features (shards/hf_card.py), typed here, on the
+        worker, so that `finalize` does not read every record of the build again in the driver. None when
+        Arrow cannot type the records: `finalize` then reads this shard's tar and reports why."""
+        for e in entries:
+            self._features.add_record(e.record)
+        try:
+            return self._features.to_json()
+        except (pa.ArrowException, TypeError, ValueError):
+            return None
 
     def abort(self) -> None:
         """Drop everything added; leaves no output and no completion marker for this chunk."""

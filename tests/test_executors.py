@@ -15,7 +15,7 @@ from pipelines.engine.options import BuildOptions
 from pipelines.engine.plan import Builder, make_plan, prepare_build_dir
 from pipelines.engine.run import run_build
 from pipelines.engine.stage import Item, Reject, Resources, Stage, StageSetupError
-from shards.layout import SETUP_ERROR_FILE, is_done, stats_path
+from shards.layout import CHUNK_INPUTS_DIR, SETUP_ERROR_FILE, is_done, stats_path
 from tests.test_executors_toy import Finalize, Render, ToyModel, compared_files, toy_builder, toy_inputs
 
 N, CS = 40, 10
@@ -148,6 +148,37 @@ def test_setup_failure_stops_the_run_with_a_clear_message(tmp_path: Path, execut
     assert str(ei.value) == SETUP_MSG, str(ei.value)
     assert not any(is_done(tmp_path, i) for i in range(3)) and not (tmp_path / "manifest.json").exists()
     assert not (tmp_path / SETUP_ERROR_FILE).exists()  # the worker's record was taken by the driver
+    assert not (tmp_path / CHUNK_INPUTS_DIR).exists()  # Beam's chunk inputs go with a failed run too
+
+
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_beam_workers_read_the_chunks_from_storage_not_from_the_pipeline(tmp_path: Path, workers: int,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Create` embeds its values in the pipeline proto, which the driver and every SDK worker pickle and
+    bz2 again (seconds per worker at 12K inputs): it must carry chunk indices only."""
+    from pipelines.engine.executors import beam_executor
+
+    created: list[list[object]] = []
+    real = beam_executor.beam.Create
+
+    def spy(values, *a, **kw):
+        created.append(list(values))
+        return real(values, *a, **kw)
+
+    monkeypatch.setattr(beam_executor.beam, "Create", spy)
+    res = _run(toy_builder(12), tmp_path / "beam", "beam", chunk_size=4, workers=workers)
+    assert res.processed == [0, 1, 2] and created == [[0, 1, 2]]
+    assert not (tmp_path / "beam" / CHUNK_INPUTS_DIR).exists()
+    _run(toy_builder(12), tmp_path / "local", "local", chunk_size=4)
+    assert compared_files(tmp_path / "beam") == compared_files(tmp_path / "local")
+
+
+def test_a_killed_runs_chunk_inputs_are_swept_by_the_next_run(tmp_path: Path) -> None:
+    stale = tmp_path / CHUNK_INPUTS_DIR
+    stale.mkdir(parents=True)
+    (stale / "000000.chunk").write_bytes(b"left by a SIGKILLed Beam driver")
+    res = _run(toy_builder(12), tmp_path, "local", chunk_size=4)
+    assert res.processed == [0, 1, 2] and not stale.exists()
 
 
 @pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.ray)])

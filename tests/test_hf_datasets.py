@@ -164,3 +164,74 @@ def test_ray_data_read_webdataset(late: Path, ray_session: Any) -> None:
     assert "world/c0007" in keys and LONG_KEY in keys
     rec = json.loads(next(r for r in rows if r["__key__"] == "world/c0007")["json"])
     assert rec["camera"]["K"] == K
+
+
+# ---------------------------------------------------------------------- features typed by the writer
+def test_writer_features_equal_the_tar_walk(late: Path) -> None:
+    """Each shard's stats carry what reading its tar gives (records typed in tar order, npy headers, images)."""
+    from shards.hf_card import ShardFeatures
+    from shards.manifest import read_stats
+
+    for i in (0, 1):
+        entry = read_stats(late, i)["features"]
+        assert entry == ShardFeatures.of_tar(tar_path(late, i)).to_json()
+        back = ShardFeatures.from_json(json.loads(json.dumps(entry)))
+        assert back.to_json() == entry
+    assert read_stats(late, 1)["features"]["npy"]["points.npy"] == [[2, [5], "float32"]]
+
+
+def test_finalize_from_stats_equals_finalize_from_tars(late: Path, tmp_path: Path) -> None:
+    """features.json and the card are byte-identical whether finalize merges the stats or reads every tar
+    (shards written before the stats carried features)."""
+    import shutil
+
+    from shards import jsonio
+    from shards.layout import stats_path
+
+    old = tmp_path / "old"
+    shutil.copytree(late, old)
+    for i in (0, 1):
+        p = stats_path(old, i)
+        st = jsonio.loads(p.read_bytes())
+        del st["features"]
+        p.write_bytes(jsonio.dumps(st) + b"\n")
+    finalize(old, {"builder": "test"}, "gr3d test")
+    for name in (FEATURES_FILE, CARD_FILE):
+        assert (old / name).read_bytes() == (late / name).read_bytes()
+    # mixed: one shard from its stats, one from its tar
+    shutil.copy(stats_path(late, 0), stats_path(old, 0))
+    finalize(old, {"builder": "test"}, "gr3d test")
+    assert (old / FEATURES_FILE).read_bytes() == (late / FEATURES_FILE).read_bytes()
+
+
+def test_struct_field_order_survives_the_stats(tmp_path: Path) -> None:
+    """Arrow orders struct fields by first appearance across a shard's records (not sorted): the stats keep it."""
+    from shards.hf_card import ShardFeatures, merge_features
+
+    sf = ShardFeatures()
+    for rec in ({"a": 1, "c": {"z": 1.5}}, {"a": 2, "b": None, "c": {"y": "s", "z": 2}}, {"b": [1, 2.5]}):
+        sf.add_record(rec)
+    entry = sf.to_json()
+    assert entry["json"][0] == "struct" and [k for k, _ in entry["json"][1]] == ["a", "c", "b"]
+    direct = merge_features([sf])
+    via = merge_features([ShardFeatures.from_json(json.loads(json.dumps(entry)))])
+    assert features_to_dict(via) == features_to_dict(direct)
+    assert list(features_to_dict(direct)["json"]) == ["a", "c", "b"]
+    assert features_to_dict(direct)["json"]["b"] == {"feature": {"dtype": "float64", "_type": "Value"}, "_type": "List"}
+
+
+def test_a_malformed_features_entry_is_named(late: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from shards import jsonio
+    from shards.layout import stats_path
+    from shards.manifest import FinalizeError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(late, bad)
+    p = stats_path(bad, 1)
+    st = jsonio.loads(p.read_bytes())
+    st["features"]["json"] = ["value", "no_such_dtype"]
+    p.write_bytes(jsonio.dumps(st) + b"\n")
+    with pytest.raises(FinalizeError, match=r"000001\.stats\.json.*not a shard features entry"):
+        finalize(bad, {"builder": "test"}, "gr3d test")

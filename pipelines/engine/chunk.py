@@ -43,6 +43,7 @@ class ChunkState:
     timing: dict[str, float] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)  # stages whose intermediate was reused (run-dependent)
     started: float = 0.0  # perf_counter when a worker first touched the chunk (timing only)
+    started_cpu: tuple[int, float] = (0, 0.0)  # (pid, thread CPU clock) then: wall minus CPU is waiting
 
 
 @dataclass
@@ -188,6 +189,7 @@ def run_stage(stage: Stage, state: ChunkState, build_dir: str | Path | None = No
     t0 = time.perf_counter()
     if not state.started:
         state.started = t0
+        state.started_cpu = (os.getpid(), time.thread_time())
     inputs = state.items
     result = None
     ipath = intermediate_path(build_dir, stage.name, state.index) if (
@@ -299,6 +301,9 @@ def write_chunk(state: ChunkState, build_dir: str | Path) -> dict[str, Any]:
             "stages_s": {k: round(v, 6) for k, v in state.timing.items()},
             "write_s": round(time.perf_counter() - t0, 6),
             "chunk_s": round(time.perf_counter() - state.started, 6),
+            # CPU of the thread that ran the chunk, when one process ran it all (not across actor hops)
+            "chunk_cpu_s": (round(time.thread_time() - state.started_cpu[1], 6)
+                            if state.started_cpu[0] == os.getpid() else None),
             "reused_intermediate": list(state.reused),
             "pid": os.getpid(),
         }

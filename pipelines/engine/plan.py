@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
@@ -30,7 +31,14 @@ from typing import Any
 
 from pipelines.engine.stage import Item, Stage
 from shards.jsonio import exact_orjson
-from shards.layout import INTERMEDIATE_DIR, PLAN_FILE, BuildLayout, remove_intermediate_temps, shards_dir
+from shards.layout import (
+    CHUNK_INPUTS_DIR,
+    INTERMEDIATE_DIR,
+    PLAN_FILE,
+    BuildLayout,
+    remove_intermediate_temps,
+    shards_dir,
+)
 
 
 class PlanError(ValueError):
@@ -426,6 +434,7 @@ def prepare_build_dir(plan: BuildPlan, builder_name: str, config: dict[str, Any]
         if head.isdigit() and int(head) >= n:
             p.unlink()
     remove_intermediate_temps(d)
+    shutil.rmtree(d / CHUNK_INPUTS_DIR, ignore_errors=True)  # a killed Beam run's chunk inputs
     inter = d / INTERMEDIATE_DIR
     if inter.is_dir():
         for stage_dir in inter.iterdir():

@@ -51,7 +51,7 @@ from shards import interrupt
 from shards.layout import clean_partial, is_done, remove_intermediate_temps, stats_path
 
 # Ray is started during the listing (`_list_inputs`) only when the listing takes longer than this.
-PRESTART_AFTER_S = 0.5
+PRESTART_AFTER_S = 0.2
 
 
 class BuildError(RuntimeError):

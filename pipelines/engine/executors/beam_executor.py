@@ -1,7 +1,9 @@
 """Beam executor: the same stages as DoFns, one element per chunk.
 
-Pipeline: `Create([(index, state)])` (Create already ends in a Reshuffle that spreads the chunks over the
-workers; a second, explicit one only copied every chunk through the runner once more) -> one `ParDo` per
+Pipeline: `Create([index])` (Create already ends in a Reshuffle that spreads the chunks over the workers;
+a second, explicit one only copied every chunk through the runner once more) -> `ReadChunk` (the worker
+reads the chunk's encoded inputs from `BUILD/.chunk_inputs/`, written by the driver just before the run)
+-> one `ParDo` per
 segment (runs of CPU stages fused into one DoFn; each model stage its own DoFn, with `setup()` in
 `DoFn.setup`, so a model loads once per DoFn instance) -> the last DoFn writes shard i with the
 shared chunk runner. Shards are written by the workers, so the output bytes equal the other executors'.
@@ -15,6 +17,12 @@ Runners:
   through unchanged (e.g. `--runner=FlinkRunner --flink_master=host:8081 --environment_type=DOCKER`).
   The workers need this package installed and the build directory on a filesystem they all see.
 
+Why the chunks go through storage, not `Create`: `Create` embeds its values in the pipeline itself, so
+every chunk's encoded inputs (~1.9 KB per det3d input, 24 MB at 12,600 inputs) were pickled and
+bz2-compressed into the pipeline proto by the driver, then decompressed and compressed again by every SDK
+worker building its bundle processors: ~8 s of CPU per worker and ~9 s in the driver before the first
+chunk at 12,600 inputs (py-spy; bench/executors.md, "Beam: the chunks left the pipeline proto").
+
 Progress: in-process, stages report rows live; otherwise the driver counts finished shards' per-stage
 rows from their stats files (chunk granularity).
 """
@@ -23,9 +31,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -45,8 +55,19 @@ from pipelines.engine.plan import BuildPlan
 from pipelines.engine.progress import Progress
 from pipelines.engine.stage import Stage
 from shards import interrupt
+from shards.layout import CHUNK_INPUTS_DIR, shard_name
 
 LOCAL_RUNNERS = {None, "DirectRunner", "FnApiRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner"}
+
+
+class ReadChunk(beam.DoFn):
+    """index -> (index, the plan's pickled Chunk), read from the file the driver wrote for it."""
+
+    def __init__(self, inputs_dir: str):
+        self.inputs_dir = inputs_dir
+
+    def process(self, index: int) -> Iterator[tuple[int, bytes]]:
+        yield index, (Path(self.inputs_dir) / f"{shard_name(index)}.chunk").read_bytes()
 
 
 class SegmentDoFn(beam.DoFn):
@@ -116,14 +137,35 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, options: ExecutorOptions, 
     token = progress_token if in_process else None
 
     plan.release_all()  # Create takes every chunk at once: record every digest in plan.json first
-    p = beam.Pipeline(runner=FnApiRunner(), options=opts) if local else beam.Pipeline(options=opts)
-    pcoll = p | "chunks" >> beam.Create([(i, pickle.dumps(plan.chunks[i], protocol=5)) for i in todo])
-    segs = segments(stages)
-    for k, seg in enumerate(segs):
-        write = k == len(segs) - 1
-        label = "+".join(s.name for s in seg.stages)
-        pcoll = pcoll | f"{k}:{label}" >> beam.ParDo(SegmentDoFn(list(seg.stages), build_dir, write, token))
+    inputs_dir = plan.build_dir / CHUNK_INPUTS_DIR
+    try:
+        _write_chunk_inputs(plan, todo, inputs_dir)
+        p = beam.Pipeline(runner=FnApiRunner(), options=opts) if local else beam.Pipeline(options=opts)
+        pcoll = (p | "chunks" >> beam.Create(todo)
+                 | "read" >> beam.ParDo(ReadChunk(str(inputs_dir))))
+        segs = segments(stages)
+        for k, seg in enumerate(segs):
+            write = k == len(segs) - 1
+            label = "+".join(s.name for s in seg.stages)
+            pcoll = pcoll | f"{k}:{label}" >> beam.ParDo(SegmentDoFn(list(seg.stages), build_dir, write, token))
+        _run_pipeline(p, plan, todo, progress, in_process, local)
+    finally:
+        shutil.rmtree(inputs_dir, ignore_errors=True)
+    if progress is not None and not in_process:
+        _count_stats(plan, todo, progress)
+    return [i for i in todo if is_done(plan.build_dir, i)]
 
+
+def _write_chunk_inputs(plan: BuildPlan, todo: list[int], inputs_dir: Path) -> None:
+    """One file per to-do chunk: the plan's pickled Chunk, which `ReadChunk` reads on a worker."""
+    shutil.rmtree(inputs_dir, ignore_errors=True)
+    inputs_dir.mkdir(parents=True)
+    for i in todo:
+        (inputs_dir / f"{shard_name(i)}.chunk").write_bytes(pickle.dumps(plan.chunks[i], protocol=5))
+
+
+def _run_pipeline(p: beam.Pipeline, plan: BuildPlan, todo: list[int], progress: Progress | None, in_process: bool,
+                  local: bool) -> None:
     stop = threading.Event()
     poller = None
     if progress is not None and progress.enabled and not in_process:
@@ -145,9 +187,6 @@ def execute(stages: Sequence[Stage], plan: BuildPlan, options: ExecutorOptions, 
         stop.set()
         if poller is not None:
             poller.join()
-    if progress is not None and not in_process:
-        _count_stats(plan, todo, progress)
-    return [i for i in todo if is_done(plan.build_dir, i)]
 
 
 def _cancel(result: Any) -> None:

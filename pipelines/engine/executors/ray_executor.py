@@ -26,8 +26,8 @@ No deadlock on small machines: actors hold their CPUs for the whole run, so acto
 are scaled down to fractions such that the actor pools plus at least one task always fit in the
 cluster's CPUs (docs/formats.md, "Environment notes": 2 actors with 1 CPU each starve the read step forever on 2 cores).
 
-Cluster: `RayOptions.address` (or RAY_ADDRESS) joins an existing cluster; otherwise `ray.init()` starts an
-embedded local Ray and shuts it down at the end. Workers write the shards themselves, so on a cluster
+Cluster: `RayOptions.address` (or RAY_ADDRESS) joins an existing cluster; otherwise `ray_node.start()` starts an
+embedded local Ray (a head node without the autoscaler monitor and API server) and stops it at the end. Workers write the shards themselves, so on a cluster
 the build directory must be a path every node sees (shared filesystem).
 
 Progress: workers report rows per stage to a zero-CPU progress actor, which the driver polls.
@@ -47,6 +47,7 @@ import ray
 
 from pipelines.engine import reaper, setup_error
 from pipelines.engine.chunk import ChunkState, Segment, load_state, run_stage, segments, write_chunk
+from pipelines.engine.executors import ray_node
 from pipelines.engine.options import ExecutorOptions
 from pipelines.engine.plan import BuildPlan
 from pipelines.engine.progress import Progress
@@ -229,7 +230,7 @@ def shutdown_prestarted() -> None:
     started, _, pre_guard = _take_prestarted()
     try:
         if started and ray.is_initialized():
-            ray.shutdown()
+            ray_node.stop()
     finally:
         if pre_guard is not None:
             pre_guard.close()
@@ -288,7 +289,7 @@ def _init_ray(ray_address: str | None, guard: ExitStack) -> bool:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded local Ray: no token file in ~/.ray
         guard.enter_context(reaper.owned_processes())
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray_node.start(log_to_driver=True)  # no autoscaler monitor, no API server (ray_node docstring)
     interrupt.rearm()
     return True
 
@@ -391,7 +392,7 @@ def _execute(stages: Sequence[Stage], plan: BuildPlan, guard: ExitStack, options
     finally:
         stop.set()
         if started:
-            ray.shutdown()  # stops this run's workers and actors (interrupted or not), then the local Ray
+            ray_node.stop()  # stops this run's workers and actors (interrupted or not), then the local Ray
 
 
 def _run_dataset(rplan: list[dict[str, Any]], plan: BuildPlan, todo: list[int], pactor: Any) -> list[int]:
