@@ -14,6 +14,14 @@ log monitor stays (workers' output still reaches the console) and so does Ray's 
 disconnects and kills the node's processes without waiting for them: the shards are durable before
 it is called, and the build's own reaper (`pipelines.engine.reaper`) still guards every process.
 
+The node's daemons (GCS, raylet, log monitor; the raylet's agents and workers after them) start in a
+process group of their own, not the driver's. A SIGTERM to the driver's group (what SLURM and `kill -- -PGID`
+send) then reaches the driver alone, which stops the build cleanly and ends Ray itself; when it reached the
+raylet too, the raylet could die first and the driver's core worker exit with status 1 and no message (the
+flake of tests/test_interrupt.py's group-SIGTERM test). Ctrl-C is unchanged: Ray's daemons block SIGINT
+anyway. A SIGKILLed driver still takes them along: GCS, raylet and log monitor die with their parent (Ray's
+PDEATHSIG), agents and workers are killed by the build's reaper (`pipelines.engine.reaper`, by tag).
+
 Ray is pinned (pyproject.toml); should its private node API change, `start()` falls back to the plain
 `ray.init(include_dashboard=False)` (`lean` is then False) rather than fail a build.
 """
@@ -22,6 +30,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -53,6 +64,28 @@ def _node_class() -> type | None:
     return BuildNode
 
 
+@contextmanager
+def _daemons_in_own_process_group() -> Iterator[None]:
+    """Processes Ray's `services` module starts meanwhile go to a new process group (module docstring)."""
+    import ray._private.services as services
+
+    base = getattr(services, "ConsolePopen", None)
+    if base is None or os.name != "posix":
+        yield
+        return
+
+    class OwnGroupPopen(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("process_group", 0)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = base
+
+
 def start(log_to_driver: bool = True) -> bool:
     """Start an embedded Ray and connect this driver; True when it is the lean node, False for `ray.init()`."""
     cls = _node_class()
@@ -62,8 +95,9 @@ def start(log_to_driver: bool = True) -> bool:
         return False
     from ray._private.parameter import RayParams
 
-    node = cls(RayParams(include_dashboard=False, no_monitor=True, include_log_monitor=log_to_driver),
-               head=True, shutdown_at_exit=False, spawn_reaper=True, ray_init_cluster=True)
+    with _daemons_in_own_process_group():
+        node = cls(RayParams(include_dashboard=False, no_monitor=True, include_log_monitor=log_to_driver),
+                   head=True, shutdown_at_exit=False, spawn_reaper=True, ray_init_cluster=True)
     try:
         ray.init(address=node.address, log_to_driver=log_to_driver)
     except BaseException:
