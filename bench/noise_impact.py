@@ -32,7 +32,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.learning import ROOT, RunSpec, evaluate_all, finished, map_parallel, setup, train_all
+from bench.learning import (
+    ROOT,
+    RunSpec,
+    evaluate_all,
+    finished,
+    grounding_all_job,
+    map_parallel,
+    setup,
+    train_all,
+)
 
 COT_MIX_NAME = "cot"
 """Name of the cot corpus in the recipe's mixture; each noise run swaps in its own build at the same weight."""
@@ -87,33 +96,6 @@ def _audit(cot: Path, audit: Path, world: Path) -> dict[str, Any]:
     return {"build": str(cot), "n_written_mentions": g["n_written"], "precision": g["precision"],
             "precision_ci": g["precision_ci"], "recall": g["recall"],
             "verifier_accuracy": (agreement.get("verifier") or {}).get("accuracy")}
-
-
-def grounding_all(run: Path, builds: Path, result: Path) -> dict[str, Any]:
-    """Held-out 2D grounding Acc@0.5 of one run on every grounded mention of the held-out scenes (cached in
-    `result`). Why: the learning bench scores the first 150 mentions, where one mention is 0.67 points and a
-    clean model at ~4 % has a binomial standard error of ~1.6 points, as large as the effects measured here;
-    all 1,197 mentions of the 400-scene world bring it to ~0.6."""
-    if result.is_file():
-        return json.loads(result.read_text())
-    import torch
-
-    from model.checkpoint import load_pretrained
-    from model.eval.heldout import eval_grounding, grounding_items
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    out = {"run": str(run), "constrained": True,
-           "grounding": eval_grounding(load_pretrained(run / "final"), grounding_items(builds / "cot_val"))}
-    out["eval_s"] = time.perf_counter() - t0
-    result.parent.mkdir(parents=True, exist_ok=True)
-    result.write_text(json.dumps(out, indent=1) + "\n")
-    return out
-
-
-def _grounding_all_star(x: tuple[Path, Path, Path]) -> dict[str, Any]:
-    return grounding_all(*x)
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -304,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         names = list(dict.fromkeys(r[0] for r in rows)) + [f"blind_s{s}" for s in a.seeds
                                                            if (work / "runs" / f"blind_s{s}" / "final").is_dir()]
         gjobs = [(work / "runs" / n, builds, results / f"{n}_grounding_all.json") for n in names]
-        got = map_parallel(_grounding_all_star, gjobs, a.parallel, sum(not r.is_file() for _, _, r in gjobs))
+        got = map_parallel(grounding_all_job, gjobs, a.parallel, sum(not r.is_file() for _, _, r in gjobs))
         full = {n: g["grounding"] for n, g in zip(names, got)}
     runs = []
     for run, level, verify, seed, corpus in rows:

@@ -112,3 +112,10 @@ def test_learning_bench_quick_end_to_end(quick_learning_work):
     assert (res / "image-4_s0_constrained.json").is_file() and not (work / "runs" / "blind-4_s0").exists()
     assert "| image (constrained) | 1 |" in (work / "learning-4.md").read_text()
     assert {p.name: p.stat().st_mtime_ns for p in res.glob("*.json") if p.name in before} == before
+    # every held-out mention, not the first few: one more column, from cached per-run results
+    assert learning.main(["--quick", "--work", str(work), "--seeds", "0", "--report-only", "--grounding-all"]) == 0
+    for name in ("image_s0", "blind_s0", "prior"):
+        g = json.loads((res / f"{name}_grounding_all.json").read_text())["grounding"]
+        assert g["n"] >= r["grounding"]["n"] and 0.0 <= g["acc50"] <= 1.0
+    head = next(ln for ln in (work / "learning.md").read_text().splitlines() if ln.startswith("| system |"))
+    assert head.endswith(f"| ground Acc@0.5, all {g['n']} |")
