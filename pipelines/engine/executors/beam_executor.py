@@ -21,7 +21,7 @@ Why the chunks go through storage, not `Create`: `Create` embeds its values in t
 every chunk's encoded inputs (~1.9 KB per det3d input, 24 MB at 12,600 inputs) were pickled and
 bz2-compressed into the pipeline proto by the driver, then decompressed and compressed again by every SDK
 worker building its bundle processors: ~8 s of CPU per worker and ~9 s in the driver before the first
-chunk at 12,600 inputs (py-spy; bench/executors.md, "Beam: the chunks left the pipeline proto").
+chunk at 12,600 inputs (py-spy; bench/executors.md, "Where the rest of Ray's and Beam's time went").
 
 Progress: in-process, stages report rows live; otherwise the driver counts finished shards' per-stage
 rows from their stats files (chunk granularity).
