@@ -71,13 +71,13 @@ def _split(build_dir: Path, n: int) -> dict[str, float]:
 def _replicated(builder: Any, times: int) -> tuple[Any, float, float]:
     """The builder with its listing replicated under distinct keys; driver CPU ms per input of the real
     listing (readers + trimming, best of 5) and of planning (sort + chunk digests)."""
-    from pipelines.engine.plan import make_plan
+    from pipelines.engine.plan import decoded, make_plan
 
     list(builder.list_inputs(builder.config))  # imports and file cache warm
     list_ms = []
     for _ in range(5):
         c0 = time.process_time()
-        base = list(builder.list_inputs(builder.config))  # builders yield their listing
+        base = list(decoded(builder.list_inputs(builder.config)))  # builders yield their listing
         list_ms.append(1000 * (time.process_time() - c0) / len(base))
     items = [{**it, "key": f"{it['key']}/r{r:03d}"} for r in range(times) for it in base]
     c0 = time.process_time()

@@ -50,9 +50,11 @@ def validate_intrinsics(K: object) -> np.ndarray:
 
     Input files are untrusted: a NaN or zero focal length would silently poison every 3D target.
     """
+    if _plainly_valid(K):  # the common case, without numpy's per-element costs (the det3d listing checks every image)
+        return np.array(K, dtype=np.float64)
     try:
         arr = np.asarray(K, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an integer beyond float64's range
         raise CameraError(f"intrinsics are not numeric: {exc}") from None
     if arr.shape != (3, 3):
         raise CameraError(f"intrinsics must be 3x3, got shape {arr.shape}")
@@ -66,6 +68,30 @@ def validate_intrinsics(K: object) -> np.ndarray:
     if abs(arr[1, 0]) > 1e-9:
         raise CameraError(f"K[1][0] must be 0, got {arr[1, 0]:g}")
     return arr
+
+
+def _plainly_valid(K: object) -> bool:
+    """True when K is certainly valid by `validate_intrinsics`'s rules: 3 lists of 3 Python floats (or ints, not
+    bools) passing every check, done with Python floats (the same IEEE float64 arithmetic as numpy's). False
+    means "not sure": the numpy checks decide and say what is wrong, so no verdict or message changes."""
+    if type(K) is not list or len(K) != 3:
+        return False
+    try:
+        rows = [[_plain_float(x) for x in r] for r in K if type(r) is list and len(r) == 3]
+    except (TypeError, OverflowError):
+        return False
+    if len(rows) != 3 or not math.isfinite(sum(itertools.chain.from_iterable(rows))):
+        return False
+    (fx, k01, _), (k10, fy, _), (k20, k21, k22) = rows
+    return fx > 0 and fy > 0 and abs(k22 - 1.0) <= 1e-9 and abs(k20) <= 1e-9 and abs(k21) <= 1e-9 and abs(k10) <= 1e-9
+
+
+def _plain_float(x: object) -> float:
+    if type(x) is float:
+        return x  # type: ignore[return-value]
+    if type(x) is int:
+        return float(x)  # OverflowError beyond float64: "not sure"
+    raise TypeError
 
 
 def normalization_scale(K: object) -> float:

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.engine.options import BuildOptions
+from pipelines.engine.plan import decoded
 from pipelines.engine.run import BuildResult, run_build
 from shards.keys import validate_key
 from shards.reader import iter_samples
@@ -85,7 +86,7 @@ def outcome(out: Path) -> tuple[set[str], dict[str, list[dict[str, Any]]]]:
 
 def clean_keys(builder: Any) -> set[str]:
     """The keys a builder lists for the clean world (none of them is a reader reject there)."""
-    items = list(builder.list_inputs(builder.config))  # builders yield their listing
+    items = list(decoded(builder.list_inputs(builder.config)))  # builders yield their listing
     assert not [it for it in items if "read_reject" in it]
     return {it["key"] for it in items}
 

@@ -35,6 +35,7 @@ from pipelines.corpora.det3d.convert import (
     text_box,
 )
 from pipelines.engine.options import BuildOptions
+from pipelines.engine.plan import decoded
 from pipelines.engine.run import run_build
 from schemas import records
 from schemas.camera import box_corners
@@ -182,7 +183,7 @@ def _convert_all(world: Any, **convert: Any) -> tuple[list[dict[str, Any]], list
     """Records of every input, through the builder's listing and stages, without writing shards."""
     b = make_builder(Det3dBuildConfig(world.omni3d_files, world.embodiedscan_files, world.root,
                                      convert=Det3dConfig(**convert)))
-    items = list(b.list_inputs(b.config))  # builders yield their listing
+    items = list(decoded(b.list_inputs(b.config)))  # builders yield their listing (det3d's encoded)
     read, conv = b.stages
     o1, r1 = read.process(items)
     o2, r2 = conv.process(o1)

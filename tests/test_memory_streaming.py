@@ -19,7 +19,7 @@ from typing import Any
 
 from pipelines.corpora.det3d.builder import Det3dBuildConfig, make_builder
 from pipelines.engine.options import BuildOptions
-from pipelines.engine.plan import encode_inputs
+from pipelines.engine.plan import decoded, encode_inputs
 from pipelines.engine.run import run_build
 
 CHUNK = 48  # 1x is 2 chunks, 4x is 8: the chunk-level peak dominates the small O(n) part (plan, keys)
@@ -43,7 +43,7 @@ def traced_peak(builder: Any, items: list[dict[str, Any]], out: Path) -> tuple[i
 
 def test_det3d_build_allocations_do_not_grow_with_the_corpus(sample_world: Any, tmp_path: Path) -> None:
     b = make_builder(Det3dBuildConfig(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root))
-    base = list(b.list_inputs(b.config))  # 12 inputs: the world's Omni3D images and EmbodiedScan frames
+    base = list(decoded(b.list_inputs(b.config)))  # 12 inputs: the world's Omni3D images and EmbodiedScan frames
     small = [{**it, "key": f"{it['key']}/r{r:03d}"} for r in range(8) for it in base]
     large = [{**it, "key": f"{it['key']}/r{r:03d}"} for r in range(32) for it in base]
     run_build(make_builder(Det3dBuildConfig(sample_world.omni3d_files, sample_world.embodiedscan_files, sample_world.root)),

@@ -21,8 +21,10 @@ from pipelines.engine.chunk import ChunkState, load_state, new_state
 from pipelines.engine.plan import (
     Chunk,
     EncodedInputs,
+    EncodedItem,
     PlanError,
     decode_item,
+    decoded,
     digest,
     encode_inputs,
     make_chunks,
@@ -148,4 +150,5 @@ def test_builders_yield_their_listing(sample_world: Any) -> None:
     listed = b.list_inputs(b.config)
     assert not isinstance(listed, list)
     items = list(listed)
-    assert items == det3d.list_inputs(b.config) and len(items) == 12
+    assert all(type(it) is EncodedItem for it in items)  # encoded where listed
+    assert list(decoded(items)) == det3d.list_inputs(b.config) and len(items) == 12

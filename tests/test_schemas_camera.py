@@ -138,3 +138,45 @@ def test_is_rotation_rejects_reflection_and_skew():
     assert not is_rotation(np.diag([1, 1, -1]))
     assert not is_rotation(np.eye(3) * 1.1)
     assert is_rotation(euler_to_matrix(0.1, 0.2, 0.3))
+
+
+_K = [[500.0, 0.0, 320.0], [0.0, 510.0, 240.0], [0.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("K", [
+    _K, [[500, 0, 320], [0, 510, 240], [0, 0, 1]], [[500.0, 3.0, 320.0], [0.0, 510.0, 240.0], [0.0, 0.0, 1.0]],
+    [[0.0, 0.0, 320.0], [0.0, 510.0, 240.0], [0.0, 0.0, 1.0]], [[500.0, 0.0, 320.0], [0.0, -1.0, 240.0], [0.0, 0.0, 1.0]],
+    [[500.0, 0.0, 320.0], [1e-10, 510.0, 240.0], [0.0, 0.0, 1.0]], [[500.0, 0.0, 320.0], [1e-8, 510.0, 240.0], [0, 0, 1]],
+    [[500.0, 0.0, 320.0], [0.0, 510.0, 240.0], [0.0, 0.0, 1.0 + 2e-9]], [[500.0, 0.0, float("nan")], [0, 510, 240], [0, 0, 1]],
+    [[500.0, 0.0, 1e308], [0.0, 510.0, 1e308], [0.0, 0.0, 1.0]], [[True, 0.0, 320.0], [0.0, 510.0, 240.0], [0.0, 0.0, 1.0]],
+    [["500", 0.0, 320.0], [0.0, 510.0, 240.0], [0.0, 0.0, 1.0]], [[10**400, 0, 320], [0, 510, 240], [0, 0, 1]],
+    [[500.0, 0.0], [0.0, 510.0], [0.0, 0.0]], [_K[0], _K[1]], (tuple(_K[0]), tuple(_K[1]), tuple(_K[2])), None, "K",
+    [[500.0, 0.0, 320.0], [0.0, 510.0, 240.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], [[500.0, 0.0, 320.0, 1.0]] * 3,
+    [[500.0, 0.0, 320.0], [0.0, 510.0, 240.0], [0.0, 1e-9, 1.0]], [[500.0, 0.0, 320.0], [0.0, 510.0, 240.0], [0.0, 2e-9, 1.0]],
+])
+def test_intrinsics_fast_path_never_changes_the_verdict(K, monkeypatch):
+    """`validate_intrinsics`'s Python fast path accepts only what the numpy checks accept, with the same array;
+    anything else goes to them and gets their message (a 400-digit integer included: "not numeric")."""
+    import numpy as np
+
+    from schemas import camera
+
+    def outcome():
+        try:
+            arr = camera.validate_intrinsics(K)
+        except camera.CameraError as exc:
+            return "error", str(exc)
+        return "ok", arr.dtype, arr.shape, arr.tolist()
+
+    fast = outcome()
+    monkeypatch.setattr(camera, "_plainly_valid", lambda _k: False)
+    assert outcome() == fast
+    if fast[0] == "ok":
+        assert isinstance(camera.validate_intrinsics(K), np.ndarray)
+
+
+def test_intrinsics_fast_path_takes_plain_lists():
+    from schemas import camera
+
+    assert camera._plainly_valid(_K) and camera._plainly_valid([[500, 0, 320], [0, 510, 240], [0, 0, 1]])
+    assert not camera._plainly_valid(np.array(_K)) and not camera._plainly_valid([[True, 0, 1]] * 3)

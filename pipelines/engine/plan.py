@@ -19,12 +19,14 @@ the chunk runs (`pipelines.engine.chunk.new_state`). A det3d input costs ~1 KiB 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import pickle
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,12 @@ class EncodedItem:
 
     key: str
     blob: bytes
+
+
+def decoded(listing: Iterable[Item | EncodedItem]) -> Iterator[Item]:
+    """A builder's listing as dicts: its `EncodedItem`s decoded (tools and tests that feed items to stages)."""
+    for it in listing:
+        yield decode_item(it.blob) if type(it) is EncodedItem else it
 
 
 @dataclass(frozen=True)
@@ -299,6 +307,21 @@ class EncodedInputs:
         return len(self.pairs)
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a listing: it makes millions of acyclic objects (parsed JSON, items,
+    blobs), which reference counting frees, and each generation-2 collection walks all of them; ~25 % of a det3d
+    listing's CPU (bench/executors.md, "A typed parse in pieces (session 7)"). Workers forked meanwhile inherit
+    it off, so their collections do not write to pages shared with the driver either."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def encode_inputs(inputs: Iterable[Item] | EncodedInputs) -> EncodedInputs:
     """Consume a listing (any iterable, typically a builder's generator) item by item.
 
@@ -308,9 +331,10 @@ def encode_inputs(inputs: Iterable[Item] | EncodedInputs) -> EncodedInputs:
     """
     if isinstance(inputs, EncodedInputs):
         return inputs
-    pairs = [(_checked_key({"key": it.key}), it.blob) if type(it) is EncodedItem else (_checked_key(it), encode_item(it))
-             for it in inputs]
-    pairs.sort(key=lambda kb: kb[0])
+    with gc_paused():
+        pairs = [(_checked_key({"key": it.key}), it.blob) if type(it) is EncodedItem else (_checked_key(it), encode_item(it))
+                 for it in inputs]
+        pairs.sort(key=lambda kb: kb[0])
     _check_unique([k for k, _ in pairs])
     return EncodedInputs(pairs)
 

@@ -41,7 +41,7 @@ try:
 except ImportError:  # an optional speed-up: the standard library gives the same values
     orjson = None  # type: ignore[assignment]
 
-__all__ = ["load_json_path", "has_long_digit_run", "LONG_DIGITS", "PIECE_BYTES"]
+__all__ = ["load_json_path", "has_long_digit_run", "split_top_array", "cut_points", "LONG_DIGITS", "PIECE_BYTES"]
 
 PIECE_BYTES = 2 << 20
 """Largest text orjson parses at once (its transient document is ~2.7x the text)."""
@@ -100,24 +100,54 @@ def load_json_path(path: str | os.PathLike, split: str | None = None) -> Any:
         return json.load(fh)
 
 
-def _loads_in_pieces(raw: bytes, split: str) -> Any:
-    """The document's value with its top-level array `split` parsed in pieces (module docstring), or `_UNSURE`.
+def split_top_array(raw: bytes, split: str) -> tuple[bytes, str, int, int] | None:
+    """The document with its top-level array `split` replaced by a unique sentinel string, or None.
 
-    Raises orjson.JSONDecodeError when a part does not parse (the caller then asks `json.load`).
+    Returns (skeleton, sentinel, start, end): `raw[start:end]` is the array's text between its brackets. The
+    split is a guess until the caller has parsed the skeleton and found the sentinel as the value of `split` in
+    the top-level object, and parsed the array's text as an array (in one piece or in pieces cut by
+    `cut_points`): then the document is certain to be the skeleton with that array in the sentinel's place.
     """
     key = re.compile(rb'"' + re.escape(split.encode()) + rb'"[ \t\n\r]*:[ \t\n\r]*\[')
     m = key.search(raw)
     end = raw.rfind(b"]")  # the array's end, if it is the last member (Omni3D's `annotations` is)
     if m is None or key.search(raw, m.end()) is not None or end < m.end():
-        return _UNSURE
-    sentinel = '"gr3d-json-fast-' + os.urandom(12).hex() + '"'
+        return None
+    sentinel = "gr3d-json-fast-" + os.urandom(12).hex()
     if raw.find(sentinel.encode()) >= 0:
+        return None
+    return raw[:m.end() - 1] + b'"' + sentinel.encode() + b'"' + raw[end + 1:], sentinel, m.end(), end
+
+
+def cut_points(raw: bytes, start: int, end: int, n: int) -> list[tuple[int, int]]:
+    """`raw[start:end]` (an array's text between its brackets) cut into up to `n` pieces of about equal size at
+    candidate element boundaries (`},{`): each `(s, e)` is to be parsed as `b"[" + raw[s:e] + b"]"`. A cut inside
+    a string or a nested value makes a piece fail its parse, so the caller treats that as "not sure"."""
+    out, pos = [], start
+    for k in range(1, n):
+        cut = _BOUNDARY.search(raw, max(pos, start + (end - start) * k // n), end)
+        if cut is None:
+            break
+        out.append((pos, cut.start() + 1))  # a piece ends after a "}" and the next starts at its "{"
+        pos = cut.end() - 1
+    out.append((pos, end))
+    return out
+
+
+def _loads_in_pieces(raw: bytes, split: str) -> Any:
+    """The document's value with its top-level array `split` parsed in pieces (module docstring), or `_UNSURE`.
+
+    Raises orjson.JSONDecodeError when a part does not parse (the caller then asks `json.load`).
+    """
+    parts = split_top_array(raw, split)
+    if parts is None:
         return _UNSURE
-    doc = orjson.loads(raw[:m.end() - 1] + sentinel.encode() + raw[end + 1:])
-    if not isinstance(doc, dict) or doc.get(split) != sentinel[1:-1]:
+    skeleton, sentinel, start, end = parts
+    doc = orjson.loads(skeleton)
+    if not isinstance(doc, dict) or doc.get(split) != sentinel:
         return _UNSURE
     items: list[Any] = []
-    pos = m.end()
+    pos = start
     while True:
         start = pos + PIECE_BYTES
         for _ in range(CUT_TRIES):  # a cut inside a string or a nested value fails its parse: try the next one

@@ -13,13 +13,14 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipelines.engine.stage import Reject
 from pipelines.sources.common import (
     MAX_CATEGORY_CHARS,
     PathEscapesRoot,
@@ -27,7 +28,7 @@ from pipelines.sources.common import (
     SourceError,
     read_reject,
     relative_to_root,
-    resolve_under,
+    resolved_path,
 )
 from pipelines.sources.json_fast import load_json_path
 from pipelines.sources.json_stream import load_object
@@ -49,6 +50,10 @@ _FILE_RE = re.compile(r"^(?P<dataset>.+)_(?P<split>train|val|test)\.json$")
 
 
 _SHAPES = {"bbox3D_cam": (8, 3), "center_cam": (3,), "dimensions": (3,), "R_cam": (3, 3)}
+
+CHECKED_BOX3D: list[list[float]] = [[0.0, 0.0, 0.0] for _ in range(8)]
+"""Stands in for a `bbox3D_cam` already known to be 8x3 finite numbers (`omni3d_lean` checks the field's text
+without making its floats); `_malformed` accepts this very object without looking at it. Never kept in an item."""
 
 
 def _finite_numbers(xs: object) -> bool:
@@ -72,6 +77,8 @@ def _plainly_shaped(x: object, shape: tuple[int, ...]) -> bool:
     The fast path of `_malformed` (the driver lists every annotation; numpy per field cost ~40 % of the
     listing, bench/executors.md). False means "not sure": numpy then decides, so verdicts never change.
     """
+    if x is CHECKED_BOX3D:
+        return shape == (8, 3)
     if type(x) is not list or len(x) != shape[0]:
         return False
     if len(shape) == 1:
@@ -87,7 +94,7 @@ def _malformed(ann: dict[str, Any]) -> str | None:
             continue
         try:
             a = np.asarray(ann.get(name), dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float64's range
             return name
         if a.shape != shape or not np.all(np.isfinite(a)):
             return name
@@ -197,6 +204,17 @@ def read_omni3d(
 def _read_image(img: object, pos: int, dataset: str, split: str, rel_file: str, data_root: str | os.PathLike,
                 rules: IgnoreRules, check_files: bool, anns_by_image: dict, seen: dict[int, str],
                 in_file: Counter, ann_fields: Sequence[str] | None = None) -> ReadResult:
+    head = image_head(img, pos, dataset, split, rel_file, data_root, check_files, seen, in_file)
+    if isinstance(head, Reject):
+        return head
+    head["annotations"] = image_annotations(anns_by_image.get(head["image_id"], []), float(head["height"]), rules,
+                                            ann_fields)
+    return head
+
+
+def image_head(img: object, pos: int, dataset: str, split: str, rel_file: str, data_root: str | os.PathLike,
+               check_files: bool, seen: dict[int, str], in_file: Counter) -> ReadResult:
+    """One image's item without its "annotations" (added last, as the item's last field), or its reject."""
     if not isinstance(img, dict) or isinstance(img.get("id"), bool) or not isinstance(img.get("id"), int):
         return read_reject(make_key("omni3d", dataset, "position", pos), "malformed_image",
                            f"{rel_file}: images[{pos}] has no integer 'id'")
@@ -211,7 +229,7 @@ def _read_image(img: object, pos: int, dataset: str, split: str, rel_file: str, 
     seen[iid] = rel_file
     fp = img.get("file_path")
     try:
-        image_path = resolve_under(data_root, fp)
+        image_path = resolved_path(data_root, fp)
     except PathEscapesRoot as exc:
         return read_reject(key, "path_escapes_root", f"{rel_file}: image {iid}: {exc}")
     try:
@@ -221,23 +239,13 @@ def _read_image(img: object, pos: int, dataset: str, split: str, rel_file: str, 
     w, h = img.get("width"), img.get("height")
     if any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in (w, h)):
         return read_reject(key, "bad_image_size", f"{rel_file}: image {iid}: width/height must be positive ints, got {w!r}x{h!r}")
-    if check_files and not image_path.is_file():
+    if check_files and not os.path.isfile(image_path):
         return read_reject(key, "missing_image", f"{rel_file}: image {iid}: no file at {fp}")
-    anns = []
-    for a in anns_by_image.get(iid, []):
-        if not isinstance(a, dict):
-            continue
-        reasons = ignore_reasons(a, float(h), rules)
-        if ann_fields is None:
-            anns.append({**a, "ignore": bool(reasons), "ignore_reasons": reasons})
-        else:  # the same fields, values and order as trimming the full annotation above
-            ours = {"ignore": bool(reasons), "ignore_reasons": reasons}
-            anns.append({f: ours[f] if f in ours else a[f] for f in ann_fields if f in ours or f in a})
     return {
         "key": key,
         "format": "omni3d",
         "source": {"dataset": dataset, "file": rel_file, "id": str(iid)},
-        "image_path": str(image_path),
+        "image_path": image_path,
         "file_path": fp,
         "image_id": iid,
         "dataset_id": img.get("dataset_id"),
@@ -247,5 +255,21 @@ def _read_image(img: object, pos: int, dataset: str, split: str, rel_file: str, 
         "K": K,
         "src_90_rotate": int(img.get("src_90_rotate") or 0),
         "src_flagged": bool(img.get("src_flagged", False)),
-        "annotations": anns,
     }
+
+
+def image_annotations(anns: Iterable[object], image_height: float, rules: IgnoreRules,
+                      ann_fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """An image's annotations as its item holds them: each with `ignore` and `ignore_reasons`, trimmed to
+    `ann_fields` when given (non-dict entries are skipped)."""
+    out = []
+    for a in anns:
+        if not isinstance(a, dict):
+            continue
+        reasons = ignore_reasons(a, image_height, rules)
+        if ann_fields is None:
+            out.append({**a, "ignore": bool(reasons), "ignore_reasons": reasons})
+        else:  # the same fields, values and order as trimming the full annotation above
+            ours = {"ignore": bool(reasons), "ignore_reasons": reasons}
+            out.append({f: ours[f] if f in ours else a[f] for f in ann_fields if f in ours or f in a})
+    return out

@@ -108,31 +108,36 @@ _FORK_OK = True  # False: always spawn (bench/det3d_listing.py compares the two)
 
 
 def iter_encoded_inputs(config: dict[str, Any]) -> Iterator[Item | EncodedItem]:
-    """The build's listing: `iter_inputs`, with each source file listed in its own worker process when there
-    are several and they are large (`PARALLEL_LISTING_MIN_BYTES`), on up to one process per CPU.
+    """The build's listing: `iter_inputs`'s items, encoded where they are made (`EncodedItem`: the plan keeps the
+    blob as it is).
 
-    A worker reads its file and encodes its items (`EncodedItem`: the plan keeps the blob as it is); the driver
-    only applies the cross-file rules of `iter_inputs` (unique keys, `dup-N` rejects) to the results, file by
-    file in the same order, so the listing, and every plan byte made from it, is the serial one's. Memory:
-    each worker holds its own file parsed (up to one file per worker at once, in the workers, not in the
-    driver); the driver holds the encoded items, as the serial listing's plan does.
+    Several large source files (`PARALLEL_LISTING_MIN_BYTES`) are listed each in its own worker process, on up
+    to one process per CPU; one large Omni3D file is cut into pieces listed in forked processes
+    (`pipelines.sources.omni3d_lean`, `PIECES_MIN_BYTES`). Either way the driver applies the cross-file rules of
+    `iter_inputs` (unique keys, `dup-N` rejects) to the results, file by file in the same order, so the listing,
+    and every plan byte made from it, is the serial one's. Memory: each worker holds its own file parsed (up to
+    one file per worker at once, in the workers, not in the driver); the driver holds the encoded items, as the
+    serial listing's plan does.
     """
     sources = _sources(config)
     n = _listing_workers(sources)
+    keys = _UniqueKeys()
     if n < 2:
-        yield from iter_inputs(config)
+        for kind, path in sources:
+            for r in _file_results(kind, path, config, encode=True, workers=_piece_workers(kind, path)):
+                yield keys.entry(r)
         return
     import multiprocessing
-    import threading
+
+    from pipelines.sources.common import listing_worker_init
 
     # fork when this process runs no other thread: the workers start with every module imported (a spawned
     # worker re-imports the pipeline, ~0.3 s of CPU each, bench/executors.md). spawn when the listing runs
     # beside Ray's start-up (`run_build` lists in a thread then): a fork would copy another thread's locks.
-    method = "fork" if threading.active_count() == 1 and _FORK_OK else "spawn"
-    pool = multiprocessing.get_context(method).Pool(n, initializer=_worker_signals)
+    method = "fork" if _fork_safe() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(n, initializer=listing_worker_init)
     finished = False
     try:
-        keys = _UniqueKeys()
         for results in pool.imap(_encoded_file_results, [(kind, path, config) for kind, path in sources]):
             for r in results:
                 yield keys.entry(r)
@@ -143,6 +148,33 @@ def iter_encoded_inputs(config: dict[str, Any]) -> Iterator[Item | EncodedItem]:
         else:
             pool.terminate()
         pool.join()
+
+
+# One Omni3D file at least this large is listed in pieces by forked worker processes (one per CPU), when the
+# driver runs no other thread (bench/executors.md, "A typed parse in pieces (session 7)").
+PIECES_MIN_BYTES = 16 << 20
+
+
+def _fork_safe() -> bool:
+    import threading
+
+    return threading.active_count() == 1 and _FORK_OK
+
+
+def _piece_workers(kind: str, path: str) -> int:
+    """How many forked processes list this one file's pieces (1: this process lists it)."""
+    import os
+
+    from pipelines.sources import omni3d_lean
+
+    if kind != "omni3d" or not omni3d_lean.available() or not _fork_safe():
+        return 1
+    try:
+        if os.path.getsize(path) < PIECES_MIN_BYTES:
+            return 1
+    except OSError:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def _sources(config: dict[str, Any]) -> list[tuple[str, str]]:
@@ -165,38 +197,44 @@ def _listing_workers(sources: list[tuple[str, str]]) -> int:
     return max(1, min(len(sources), len(os.sched_getaffinity(0))))
 
 
-def _worker_signals() -> None:
-    """Listing workers leave Ctrl-C to the driver, which stops them (one message, not one traceback per worker),
-    and die at once on the driver's SIGTERM (`Pool.terminate`), not through the driver's handlers a fork copied."""
-    import signal
+def _file_results(kind: str, path: str, config: dict[str, Any], encode: bool = False,
+                  workers: int = 1) -> Iterator[Item | EncodedItem | Reject]:
+    """One source file's work items (trimmed; `encode`: as `EncodedItem`s) and read rejects, in the file's order.
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _file_results(kind: str, path: str, config: dict[str, Any]) -> Iterator[Item | Reject]:
-    """One source file's work items (trimmed) and read rejects, in the file's order."""
-    from pipelines.sources import read_embodiedscan, read_omni3d
+    Omni3D files go through `omni3d_lean` (the same results as `read_omni3d`, faster; `workers` forked
+    processes list its pieces)."""
+    from pipelines.sources import read_embodiedscan
     from pipelines.sources.common import read_each
+    from pipelines.sources.omni3d_lean import read_omni3d_lean
     from shards.keys import make_key
 
     root = config["data_root"]
+    bad_file = lambda p: make_key("det3d", "source_file", p)  # noqa: E731
     if kind == "omni3d":
         conv = config.get("convert", {})
         rules = omni3d_rules(conv.get("omni3d_ignore", "train"), conv.get("omni3d_rules"))
-        reader, lean = (lambda p: read_omni3d([p], root, rules, check_files=False, ann_fields=_OMNI3D_FIELDS),
-                        _omni3d_trimmed_item)
-    else:
-        reader, lean = (lambda p: read_embodiedscan([p], root, check_files=False)), _es_item
-    for r in read_each([path], reader, lambda p: make_key("det3d", "source_file", p)):
-        yield r if isinstance(r, Reject) else lean(r)
+        item = _encoded_omni3d_item if encode else _omni3d_trimmed_item
+        yield from read_each([path], lambda p: read_omni3d_lean(p, root, rules, _OMNI3D_FIELDS, item, workers),
+                             bad_file)
+        return
+    for r in read_each([path], lambda p: read_embodiedscan([p], root, check_files=False), bad_file):
+        yield r if isinstance(r, Reject) else _encoded(_es_item(r)) if encode else _es_item(r)
+
+
+def _encoded(item: Item) -> EncodedItem:
+    from pipelines.engine.plan import encode_item
+
+    return EncodedItem(item["key"], encode_item(item))
+
+
+def _encoded_omni3d_item(it: dict[str, Any]) -> EncodedItem:
+    """An Omni3D image's work item, encoded where it is made (a listing worker, or the driver)."""
+    return _encoded(_omni3d_item(it, trimmed=True))
 
 
 def _encoded_file_results(job: tuple[str, str, dict[str, Any]]) -> list[EncodedItem | Reject]:
     """`_file_results` in a listing worker, each item encoded there (what the driver's plan would encode)."""
-    from pipelines.engine.plan import encode_item
-
-    return [r if isinstance(r, Reject) else EncodedItem(r["key"], encode_item(r)) for r in _file_results(*job)]
+    return list(_file_results(*job, encode=True))
 
 
 class _UniqueKeys:
