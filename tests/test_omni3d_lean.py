@@ -251,3 +251,17 @@ def test_random_orders_and_damage(sample_world: Any, tmp_path: Path, seed: int) 
     if not scattered:
         results = omni3d_lean._lean_results(path, sample_world.root, TRAIN_RULES, FIELDS, ITEM, 4, fork=False)
         assert results is not None  # listed by the fast path
+
+
+def test_serial_listing_parses_in_small_pieces(sample_world: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               no_serial_reader: None) -> None:
+    """Listed in this process, a file is cut into ~SERIAL_PIECE_BYTES pieces (another thread gets the GIL between
+    them), with the same results."""
+    path = _write(tmp_path, _damaged(_world_doc(sample_world)))
+    want = _reference(path, sample_world.root)
+    seen: list[int] = []
+    real = omni3d_lean.cut_points
+    monkeypatch.setattr(omni3d_lean, "cut_points", lambda *a: seen.append(len(real(*a))) or real(*a))
+    monkeypatch.setattr(omni3d_lean, "SERIAL_PIECE_BYTES", 4096)
+    _same(_lean(path, sample_world.root, 1), want)
+    assert seen and seen[0] > 10

@@ -36,10 +36,11 @@ Pieces: each worker parses one piece of the `annotations` array (`json_fast.cut_
 not parse alone makes the whole file "not sure"), groups its annotations by image, and builds (and
 `transform`s) the complete item of every image whose annotations all lie inside its piece. The annotations
 of the images at a piece's two ends (which may continue in the next piece) come back trimmed, and the driver
-joins them in piece order. Every image is yielded in the file's order, then the orphan annotations' rejects in
-the order of first appearance, as `read_omni3d` does. Workers are forked (the file's bytes and parsed images
-are inherited, nothing large crosses a pipe but the items), so only from a process running no other thread;
-otherwise the pieces run one after the other in this process.
+joins them in piece order. Every image is yielded in the file's order, then the orphan annotations' rejects
+in the order of first appearance, as `read_omni3d` does. Workers are forked (the file's bytes and parsed
+images are inherited; nothing large crosses a pipe but the items), so only from a process running no other
+thread. Otherwise the pieces, of ~`SERIAL_PIECE_BYTES`, run one after the other in this process, so another
+thread (Ray's start-up beside a Ray build's listing) gets the GIL between them.
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ class _Piece:
     edges: dict[int, list[dict[str, Any]] | None] = field(default_factory=dict)  # id -> trimmed annotations
     orphans: list[tuple[int, list[Any]]] = field(default_factory=list)  # (image id, annotation ids), in order
 
+
+SERIAL_PIECE_BYTES = 4 << 20
+"""Pieces listed one after the other in this process are about this large: msgspec holds the GIL while it parses
+a piece, and a Ray build lists in a thread beside Ray's start-up, which a whole-file parse stalled for ~0.5 s
+(bench/executors.md, "A typed parse in pieces (session 7)")."""
 
 _CTX: list[_File] = []  # the file being listed (a list, so a forked worker sees what the driver set)
 
@@ -231,12 +237,14 @@ def _lean_results(path: Path, data_root: str | os.PathLike, rules: IgnoreRules, 
     image_ids = {img.get("id") for img in images if isinstance(img, dict) and isinstance(img.get("id"), int)}
     by_id = {img["id"]: (pos, img) for pos, img in enumerate(images)
              if isinstance(img, dict) and type(img.get("id")) is int and in_file[img["id"]] == 1}
-    ctx = _File(raw, cut_points(raw, start, end, max(1, workers)), images, dataset, split,
+    forked = fork and workers > 1
+    n = workers if forked else max(1, workers, -(-(end - start) // SERIAL_PIECE_BYTES))
+    ctx = _File(raw, cut_points(raw, start, end, n), images, dataset, split,
                 relative_to_root(path, data_root), data_root, rules, ann_fields, transform, in_file, image_ids, by_id,
                 _decoder(ann_fields))
     _CTX[:] = [ctx]
     try:
-        pieces = _run_pieces(len(ctx.pieces)) if fork else [_piece(k) for k in range(len(ctx.pieces))]
+        pieces = _run_pieces(len(ctx.pieces)) if forked else [_piece(k) for k in range(len(ctx.pieces))]
     finally:
         _CTX.clear()
     if any(p is None for p in pieces):

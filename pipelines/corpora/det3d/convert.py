@@ -33,7 +33,6 @@ from schemas.geometry import es_box_to_omni_camera
 from schemas.grammar import Box3D, box3d_from_pose, format_box3d, format_grounded
 from schemas.omni3d import box4
 from schemas.prompts import PROMPTS_VERSION, detect_prompt, region_to_3d_prompt
-from shards.writer import sniff_image_ext
 
 __all__ = [
     "Det3dConfig",
@@ -534,6 +533,9 @@ def image_header(data: bytes) -> tuple[str, int, int]:
 
     Raises ValueError naming what is wrong (unknown format, truncated header).
     """
+    # imported here: the writer imports pyarrow, which the driver's listing never needs
+    from shards.writer import sniff_image_ext
+
     ext = sniff_image_ext(data)
     if ext == "png":
         if len(data) < 24 or data[12:16] != b"IHDR":
