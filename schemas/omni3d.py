@@ -61,7 +61,7 @@ def box4(x: object) -> list[float] | None:
         return None
     try:
         v = [float(a) for a in x]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if not all(math.isfinite(a) for a in v) or all(a == -1 for a in v) or v[2] < v[0] or v[3] < v[1]:
         return None
@@ -71,7 +71,11 @@ def box4(x: object) -> list[float] | None:
 def _num(x: object) -> float | None:
     if isinstance(x, bool) or not isinstance(x, int | float):
         return None
-    return float(x) if math.isfinite(x) else None
+    try:
+        v = float(x)
+    except OverflowError:  # an integer beyond float64: not a usable value, like inf
+        return None
+    return v if math.isfinite(v) else None
 
 
 def _x1_set(x: object) -> bool:

@@ -84,16 +84,28 @@ from pathlib import Path
 from pipelines.corpora.det3d import builder as det3d
 from pipelines.engine.plan import _encoded_chunks, decode_item, encode_inputs
 from pipelines.engine.stage import Reject
-from tests.test_omni3d_lean import _lean, _reference, _same
+from tests.test_omni3d_lean import _lean, _same
+from pipelines.sources.omni3d import TRAIN_RULES, read_omni3d
+
+def _reference(path, root):
+    items = read_omni3d([path], root, TRAIN_RULES, check_files=False, ann_fields=det3d._OMNI3D_FIELDS)
+    return [r if isinstance(r, Reject) else det3d._omni3d_trimmed_item(r) for r in items]
 
 path, root, es = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+from pipelines.sources import omni3d_lean
+b = det3d.make_builder(det3d.Det3dBuildConfig([path], es, root))
+real_msgspec = omni3d_lean.msgspec
+omni3d_lean.msgspec = None  # the reference listing: read_omni3d for every file
+want = encode_inputs(det3d.iter_inputs(b.config)).pairs
+omni3d_lean.msgspec = real_msgspec
+def refuse(*_a, **_k):
+    raise AssertionError("the fast path fell back to read_omni3d")
+omni3d_lean.read_omni3d = refuse  # from here on, the fast path must list the file itself
 serial = _lean(path, root, 1)
 _same(_lean(path, root, 2, fork=True), serial)
 enc = _lean(path, root, 3, fork=True, transform=det3d._encoded_omni3d_item)
 assert [e if isinstance(e, Reject) else decode_item(e.blob) for e in enc] == serial == _reference(path, root)
-# the build's listing: one Omni3D file in forked pieces, the serial listing's keys, items and chunk digests
-b = det3d.make_builder(det3d.Det3dBuildConfig([path], es, root))
-want = encode_inputs(det3d.iter_inputs(b.config)).pairs
+# the build's listing: one Omni3D file in forked pieces, the reference listing's keys, items and chunk digests
 det3d.PIECES_MIN_BYTES = 0
 assert det3d._piece_workers("omni3d", str(path)) > 1
 got = encode_inputs(b.list_inputs(b.config)).pairs
@@ -142,6 +154,13 @@ def _damaged(doc: dict[str, Any]) -> dict[str, Any]:
     anns[11]["image_id"] = 10**9 + 1
     anns[12]["image_id"] = 10**9  # the first orphan's image again, later
     anns[13]["extra"] = {"nested": [1, 2, {"deep": "},{"}]}  # an unknown field with the cut's bytes inside
+    anns[-11]["visibility"] = int("9" * 400)  # beyond float64 in a rule's field: "not available", as inf
+    anns[-12]["bbox2D_trunc"] = [0, 0, int("9" * 400), 10]  # an unusable 2D box
+    for a in anns:  # a rejected image's annotations are never looked at, however broken (they come first: an edge)
+        if a["image_id"] == images[1]["id"]:
+            a["truncation"] = int("9" * 400)
+            a["center_cam"] = "not a list"
+    images[8]["height"] = int("9" * 400)  # an absurd size: bad_image_size (it once ended the listing)
     images[1]["K"][0][0] = 0.0  # bad intrinsics: rejected, its annotations unused
     images[2]["width"] = -5
     images[3]["file_path"] = "../../etc/passwd"
@@ -160,6 +179,7 @@ def test_damage_listed_by_the_fast_path_exactly(sample_world: Any, tmp_path: Pat
     reasons = {r.reason for r in got if isinstance(r, Reject)}
     assert {"orphan_annotation", "bad_intrinsics", "bad_image_size", "path_escapes_root", "duplicate_image_id",
             "malformed_image"} <= reasons
+    assert sum(r.reason == "bad_image_size" for r in got if isinstance(r, Reject)) == 2
     ignored = {x for it in got if isinstance(it, dict) for a in it["annotations"] for x in a["ignore_reasons"]}
     assert {"malformed_bbox3D_cam", "malformed_center_cam", "malformed_category_name",
             "malformed_dimensions"} <= ignored
@@ -215,7 +235,6 @@ def test_what_the_fast_path_is_not_sure_of_goes_to_read_omni3d(sample_world: Any
             continue
         _same(got, want)
     assert omni3d_lean._lean_results(path, sample_world.root, TRAIN_RULES, FIELDS, ITEM, 3, fork=False) is None
-    assert not omni3d_lean._CTX  # nothing of the file is left behind
 
 
 def test_invalid_utf8_in_a_skipped_field_is_the_serial_error(sample_world: Any, tmp_path: Path) -> None:
@@ -257,7 +276,7 @@ def test_serial_listing_parses_in_small_pieces(sample_world: Any, tmp_path: Path
                                                no_serial_reader: None) -> None:
     """Listed in this process, a file is cut into ~SERIAL_PIECE_BYTES pieces (another thread gets the GIL between
     them), with the same results."""
-    path = _write(tmp_path, _damaged(_world_doc(sample_world)))
+    path = _write(tmp_path, _world_doc(sample_world))  # no "},{" inside a string: every cut is a real one
     want = _reference(path, sample_world.root)
     seen: list[int] = []
     real = omni3d_lean.cut_points
@@ -265,3 +284,56 @@ def test_serial_listing_parses_in_small_pieces(sample_world: Any, tmp_path: Path
     monkeypatch.setattr(omni3d_lean, "SERIAL_PIECE_BYTES", 4096)
     _same(_lean(path, sample_world.root, 1), want)
     assert seen and seen[0] > 10
+
+
+def test_pieces_join_an_image_split_between_them(sample_world: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 no_serial_reader: None) -> None:
+    """With 4 pieces, some image's annotations straddle a cut, and the driver joins them (same results)."""
+    path = _write(tmp_path, _world_doc(sample_world))
+    seen: list[list[Any]] = []
+    real = omni3d_lean._merge
+    monkeypatch.setattr(omni3d_lean, "_merge", lambda ctx, pieces: seen.append(pieces) or real(ctx, pieces))
+    _same(_lean(path, sample_world.root, 4), _reference(path, sample_world.root))
+    pieces = seen[0]
+    assert len(pieces) == 4
+    split = [iid for iid in pieces[0].present if any(iid in p.present for p in pieces[1:])]
+    assert split and all(iid in pieces[0].edges for iid in split)
+
+
+def test_empty_annotations_and_deep_nesting(sample_world: Any, tmp_path: Path) -> None:
+    """No annotations at all: listed by the fast path, every image without boxes. A skipped field nested near the
+    interpreter's limit: the fast path refuses it first, so the file gets read_omni3d's verdict."""
+    import sys
+
+    doc = _world_doc(sample_world)
+    doc["annotations"] = []
+    path = _write(tmp_path, doc)
+    assert omni3d_lean._lean_results(path, sample_world.root, TRAIN_RULES, FIELDS, ITEM, 2, fork=False) is not None
+    _same(_lean(path, sample_world.root, 2), _reference(path, sample_world.root))
+    for depth in (sys.getrecursionlimit() - 250, sys.getrecursionlimit() - 4):
+        doc = _world_doc(sample_world)
+        text = json.dumps(doc)
+        i = text.index('"category_id"')
+        path = _write(tmp_path, text[:i] + '"deep": ' + "[" * depth + "]" * depth + ", " + text[i:])
+        try:
+            want: Any = _reference(path, sample_world.root)
+        except SourceError as exc:
+            want = str(exc)
+        try:
+            got: Any = _lean(path, sample_world.root, 2)
+        except SourceError as exc:
+            got = str(exc)
+        assert got == want
+
+
+def test_a_huge_integer_in_a_skipped_field_is_the_one_known_difference(sample_world: Any, tmp_path: Path) -> None:
+    """An integer beyond Python's digit limit in a field the listing skips: json.load refuses the file (read_omni3d
+    reports it as unreadable, it no longer crashes), msgspec skips the field (module docstring)."""
+    import sys
+
+    text = json.dumps(_world_doc(sample_world))
+    i = text.index('"category_id"')
+    path = _write(tmp_path, text[:i] + '"junk": ' + "7" * (sys.get_int_max_str_digits() + 10) + ", " + text[i:])
+    with pytest.raises(SourceError, match="unreadable JSON"):
+        _reference(path, sample_world.root)
+    assert [r for r in _lean(path, sample_world.root, 2) if not isinstance(r, Reject)]

@@ -141,7 +141,8 @@ def resolved_path(root: str | os.PathLike, rel: object) -> str:
         raise PathEscapesRoot(f"path must be a non-empty string, got {rel!r}")
     if "\x00" in rel:
         raise PathEscapesRoot(f"path contains a NUL byte: {rel!r}")
-    base = _normalised_root(os.fspath(root), os.getcwd())
+    root_s = os.fspath(root)
+    base = _normalised_root(root_s, "" if os.path.isabs(root_s) else os.getcwd())  # cwd only when it matters
     full = os.path.normpath(os.path.join(base, rel))
     # For normalised absolute paths, "full is base or under it" is this prefix test, which costs a fraction of
     # os.path.commonpath (the driver resolves every input's path); a POSIX "//" root keeps commonpath's verdict.
@@ -154,7 +155,8 @@ def resolved_path(root: str | os.PathLike, rel: object) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _normalised_root(root: str | bytes, cwd: str) -> str:
-    """`root` made absolute against `cwd` and normalised: computed once per data root, not once per input."""
+    """`root` made absolute against `cwd` ("" for an absolute root) and normalised: computed once per data root
+    and working directory, not once per input."""
     return os.path.normpath(os.path.join(cwd, root))
 
 

@@ -112,6 +112,10 @@ def ignore_reasons(ann: dict[str, Any], image_height: float, rules: IgnoreRules 
     return ignore_rule_reasons(ann, image_height, rules)
 
 
+MAX_IMAGE_SIDE = 1 << 20
+"""Largest width or height taken as real (pixels): a larger one is a corrupt value (a 400-digit integer once
+ended the listing when the height became a float), rejected as `bad_image_size`."""
+
 # Files larger than this are parsed streaming (`pipelines.sources.json_stream`): json.load would hold the whole
 # text besides the parsed objects. Smaller ones use `json_fast` (orjson in pieces, else json.load), faster per
 # image by ~1.5x (json.load) to ~2x (orjson) (bench/executors.md).
@@ -133,6 +137,10 @@ def load_omni3d_json(path: str | os.PathLike) -> dict[str, Any]:
         raise SourceError(path, f"not UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:
         raise SourceError(path, f"invalid or truncated JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except ValueError as exc:  # e.g. an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise SourceError(path, f"unreadable JSON: {exc}") from None
+    except RecursionError:
+        raise SourceError(path, "JSON nested too deeply to read") from None
     if not isinstance(data, dict):
         raise SourceError(path, f"top level must be an object, got {type(data).__name__}")
     if not isinstance(data.get("images"), list):
@@ -237,8 +245,8 @@ def image_head(img: object, pos: int, dataset: str, split: str, rel_file: str, d
     except CameraError as exc:
         return read_reject(key, "bad_intrinsics", f"{rel_file}: image {iid}: {exc}")
     w, h = img.get("width"), img.get("height")
-    if any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in (w, h)):
-        return read_reject(key, "bad_image_size", f"{rel_file}: image {iid}: width/height must be positive ints, got {w!r}x{h!r}")
+    if any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 or x > MAX_IMAGE_SIDE for x in (w, h)):
+        return read_reject(key, "bad_image_size", f"{rel_file}: image {iid}: width/height must be positive ints (at most {MAX_IMAGE_SIDE}), got {w!r}x{h!r}")
     if check_files and not os.path.isfile(image_path):
         return read_reject(key, "missing_image", f"{rel_file}: image {iid}: no file at {fp}")
     return {

@@ -22,7 +22,11 @@ sure of that it reads the file that way instead:
   image's annotations together; real Omni3D files do).
 
 msgspec gives `json.load`'s values for the JSON both accept (correctly rounded floats, integers of any size,
-a repeated key's last value); what it refuses goes to `read_omni3d`, as above.
+a repeated key's last value); what it refuses goes to `read_omni3d`, as above, and it is given less nesting
+depth than `json.load` (`RECURSION_MARGIN`). One known difference: an integer of more than 4,300 digits in a
+field the listing skips. `json.load` refuses the whole file (Python's limit on converting digits,
+`sys.get_int_max_str_digits`; `read_omni3d` reports `bad_source_file`); msgspec skips the field and the file is
+listed. Finding such a run would cost a scan of the whole text on every file.
 
 `bbox3D_cam`, when not kept, is checked from its text: after deleting digits, ".", signs and whitespace it
 must read `[[,,],...]` (8 rows of 3; no exponent, no literal), and no run of 309 digits may occur (a number
@@ -48,6 +52,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -93,7 +98,7 @@ def available() -> bool:
 
 @dataclass
 class _File:
-    """What every piece's worker needs; set before the workers fork, so they inherit it."""
+    """What every piece's worker needs (a forked worker inherits it)."""
 
     raw: bytes
     pieces: list[tuple[int, int]]
@@ -124,9 +129,6 @@ SERIAL_PIECE_BYTES = 4 << 20
 a piece, and a Ray build lists in a thread beside Ray's start-up, which a whole-file parse stalled for ~0.5 s
 (bench/executors.md, "A typed parse in pieces (session 7)")."""
 
-_CTX: list[_File] = []  # the file being listed (a list, so a forked worker sees what the driver set)
-
-
 def _decoder(ann_fields: Sequence[str]) -> Any:
     keep = set(ann_fields) - {"ignore", "ignore_reasons"}
     fields = {f: Any for f in (*RULE_FIELDS, *sorted(keep - set(RULE_FIELDS)))}
@@ -134,6 +136,21 @@ def _decoder(ann_fields: Sequence[str]) -> Any:
         fields["bbox3D_cam"] = msgspec.Raw
     lean = TypedDict("LeanAnnotation", fields, total=False)  # type: ignore[misc]
     return msgspec.json.Decoder(list[lean])  # type: ignore[valid-type]
+
+
+RECURSION_MARGIN = 200
+
+
+def _decode(decode: Callable[[bytes], Any], text: bytes) -> Any:
+    """msgspec's parse with `RECURSION_MARGIN` fewer levels of nesting than `json.load` gets (both count against
+    the interpreter's recursion limit): a file nested near that limit is refused here, then read by
+    `read_omni3d`, rather than read here and refused there."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(64, limit - RECURSION_MARGIN))
+    try:
+        return decode(text)
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def _box_checked(a: dict[str, Any]) -> None:
@@ -148,13 +165,12 @@ def _box_checked(a: dict[str, Any]) -> None:
         a["bbox3D_cam"] = json.loads(text.decode())  # json.load's value (inf for 1e400), checked as before
 
 
-def _piece(k: int) -> _Piece | None:
+def _piece(ctx: _File, k: int) -> _Piece | None:
     """Piece `k` of the file's annotations, listed (module docstring); None: not sure, read the file serially."""
-    ctx = _CTX[0]
     s, e = ctx.pieces[k]
     try:
-        anns = ctx.decoder.decode(b"[" + ctx.raw[s:e] + b"]")
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        anns = _decode(ctx.decoder.decode, b"[" + ctx.raw[s:e] + b"]")
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     groups: dict[int, list[dict[str, Any]]] = {}
     box = "bbox3D_cam" not in ctx.ann_fields
@@ -176,16 +192,19 @@ def _piece(k: int) -> _Piece | None:
             out.edges[iid] = None
             continue
         pos, img = found
-        h = img.get("height")
-        height_ok = isinstance(h, int) and not isinstance(h, bool) and h > 0
-        if iid in ends:
-            out.edges[iid] = image_annotations(group, float(h), ctx.rules, ctx.ann_fields) if height_ok else None
-            continue
+        # the image first, as read_omni3d does: a rejected image's annotations are never looked at
         head = image_head(img, pos, ctx.dataset, ctx.split, ctx.rel_file, ctx.data_root, False, {}, ctx.in_file)
         if isinstance(head, Reject):
-            out.built[iid] = head
+            if iid in ends:
+                out.edges[iid] = None
+            else:
+                out.built[iid] = head
             continue
-        head["annotations"] = image_annotations(group, float(h), ctx.rules, ctx.ann_fields)
+        anns_of = image_annotations(group, float(head["height"]), ctx.rules, ctx.ann_fields)
+        if iid in ends:
+            out.edges[iid] = anns_of
+            continue
+        head["annotations"] = anns_of
         out.built[iid] = ctx.transform(head)
     return out
 
@@ -224,8 +243,8 @@ def _lean_results(path: Path, data_root: str | os.PathLike, rules: IgnoreRules, 
         return None
     skeleton, sentinel, start, end = parts
     try:
-        data = msgspec.json.decode(skeleton)
-    except msgspec.DecodeError:
+        data = _decode(msgspec.json.decode, skeleton)
+    except (msgspec.DecodeError, RecursionError):
         return None
     if not isinstance(data, dict) or data.get("annotations") != sentinel or not isinstance(data.get("images"), list):
         return None
@@ -242,37 +261,32 @@ def _lean_results(path: Path, data_root: str | os.PathLike, rules: IgnoreRules, 
     ctx = _File(raw, cut_points(raw, start, end, n), images, dataset, split,
                 relative_to_root(path, data_root), data_root, rules, ann_fields, transform, in_file, image_ids, by_id,
                 _decoder(ann_fields))
-    _CTX[:] = [ctx]
-    try:
-        pieces = _run_pieces(len(ctx.pieces)) if forked else [_piece(k) for k in range(len(ctx.pieces))]
-    finally:
-        _CTX.clear()
+    pieces = _run_pieces(ctx) if forked else [_piece(ctx, k) for k in range(len(ctx.pieces))]
     if any(p is None for p in pieces):
         return None
     return _merge(ctx, pieces)  # type: ignore[arg-type]
 
 
-def _run_pieces(n: int) -> list[_Piece | None]:
-    """Every piece's result: piece 0 in this process while n - 1 forked processes list the others.
+def _run_pieces(ctx: _File) -> list[_Piece | None]:
+    """Every piece's result: piece 0 in this process while forked processes list the others (one each).
 
     Plain forked processes with a pipe each, not a `Pool`: a pool hands tasks over in a thread of this
     process, which waited for the GIL while this process parsed piece 0 (msgspec holds it), so the other
-    pieces started ~0.5 s late. A worker that dies gives None (not sure: the file is read serially, where the
-    same failure is reported as itself)."""
-    if n == 1:
-        return [_piece(0)]
+    pieces started ~0.5 s late. A forked child gets `ctx` as it is in this process's memory (fork does not
+    pickle a Process's arguments). A worker that dies gives None (not sure: the file is read serially, where
+    the same failure is reported as itself)."""
     import multiprocessing
 
     mp = multiprocessing.get_context("fork")
     procs = []
     try:
-        for k in range(1, n):
+        for k in range(1, len(ctx.pieces)):
             recv, send = mp.Pipe(duplex=False)
-            proc = mp.Process(target=_piece_worker, args=(k, send), daemon=True, name=f"gr3d-listing-{k}")
+            proc = mp.Process(target=_piece_worker, args=(ctx, k, send), daemon=True, name=f"gr3d-listing-{k}")
             proc.start()
             send.close()
             procs.append((proc, recv))
-        out = [_piece(0)]
+        out = [_piece(ctx, 0)]
         for proc, recv in procs:
             try:
                 out.append(recv.recv())
@@ -288,10 +302,10 @@ def _run_pieces(n: int) -> list[_Piece | None]:
                 proc.join()
 
 
-def _piece_worker(k: int, send: Any) -> None:
+def _piece_worker(ctx: _File, k: int, send: Any) -> None:
     listing_worker_init()
     try:
-        send.send(_piece(k))
+        send.send(_piece(ctx, k))
     finally:
         send.close()
 
