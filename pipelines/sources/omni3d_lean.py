@@ -129,6 +129,7 @@ SERIAL_PIECE_BYTES = 4 << 20
 a piece, and a Ray build lists in a thread beside Ray's start-up, which a whole-file parse stalled for ~0.5 s
 (bench/executors.md, "A typed parse in pieces (session 7)")."""
 
+
 def _decoder(ann_fields: Sequence[str]) -> Any:
     keep = set(ann_fields) - {"ignore", "ignore_reasons"}
     fields = {f: Any for f in (*RULE_FIELDS, *sorted(keep - set(RULE_FIELDS)))}
@@ -139,6 +140,7 @@ def _decoder(ann_fields: Sequence[str]) -> Any:
 
 
 RECURSION_MARGIN = 200
+"""Levels of JSON nesting fewer than `json.load` gets that msgspec is given (`_decode`)."""
 
 
 def _decode(decode: Callable[[bytes], Any], text: bytes) -> Any:
