@@ -32,6 +32,7 @@ from pipelines.engine.plan import (
     plan_record,
     sort_inputs,
 )
+from pipelines.engine.spill import BlobRef
 
 # Chunk digests of `_example()` at chunk size 3, recorded with the dict-based plan (before the plan
 # encoded its items). plan.json of existing builds holds digests made that way: they must not change.
@@ -67,7 +68,9 @@ def test_plan_chunks_hold_blobs_that_decode_to_the_items(tmp_path: Path) -> None
     plan = make_plan("toy", {}, (dict(it) for it in items), tmp_path / "b", 3)
     want = sorted(items, key=lambda it: it["key"])
     assert plan.n_inputs == 7 and [len(c.items) for c in plan.chunks] == [3, 3, 1]
-    assert all(isinstance(b, bytes) for c in plan.chunks for b in c.items)
+    # the plan keeps references to its spill file; a released chunk carries the encoded items themselves
+    assert all(isinstance(b, BlobRef) for c in plan.chunks for b in c.items)
+    assert all(isinstance(b, bytes) for b in plan.release(0).items) and plan.release(0) == plan.chunks[0]
     assert [k for c in plan.chunks for k in c.keys] == [it["key"] for it in want]
     decoded = [it for c in plan.chunks for it in c.decode()]
     assert decoded == want
@@ -79,7 +82,7 @@ def test_plan_chunks_hold_blobs_that_decode_to_the_items(tmp_path: Path) -> None
 
 def test_a_chunk_is_decoded_where_it_runs_into_fresh_dicts(tmp_path: Path) -> None:
     plan = make_plan("toy", {}, _example(), tmp_path / "b", 3)
-    c = plan.chunks[0]
+    c = plan.release(0)  # what an executor ships: the items read back from the spill
     st = new_state(c)
     assert st.keys == c.keys and st.items == c.decode()
     st.items[0]["K"][0][0] = -1.0  # a stage mutating its input cannot alter the plan's copy

@@ -31,6 +31,7 @@ from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.engine.spill import BlobRef, blob_bytes, spilling
 from pipelines.engine.stage import Item, Stage
 from shards.jsonio import exact_orjson
 from shards.layout import (
@@ -85,9 +86,10 @@ def encode_item(item: Item) -> bytes:
     return pickle.dumps(item, protocol=5)
 
 
-def decode_item(blob: bytes) -> Item:
-    """The item `encode_item` encoded (a fresh dict each call, so stages cannot alter the plan's copy)."""
-    return pickle.loads(blob)
+def decode_item(blob: bytes | BlobRef) -> Item:
+    """The item `encode_item` encoded (a fresh dict each call, so stages cannot alter the plan's copy); a spilled
+    one is read back first (`pipelines.engine.spill`)."""
+    return pickle.loads(blob_bytes(blob))
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class EncodedItem:
     yields (det3d's per-file listing), so the driver neither decodes nor re-encodes the item."""
 
     key: str
-    blob: bytes
+    blob: bytes | BlobRef  # a BlobRef: written to the listing's spill by the worker that made it
 
 
 def decoded(listing: Iterable[Item | EncodedItem]) -> Iterator[Item]:
@@ -118,7 +120,7 @@ class Chunk:
     """
 
     index: int
-    items: tuple[bytes, ...]
+    items: tuple[bytes | BlobRef, ...]
     item_keys: tuple[str, ...] = ()
     digest: str = field(default="", compare=False)  # a function of the items: equal items, equal digest
     lazy: InitVar[bool] = False  # leave `digest` empty until `ensure_digest()` (the plan's streamed record)
@@ -126,7 +128,7 @@ class Chunk:
     def __post_init__(self, lazy: bool = False) -> None:
         items = tuple(self.items)
         dicts: list[Item] | None = None
-        if not all(isinstance(b, bytes) for b in items):
+        if not all(isinstance(b, bytes | BlobRef) for b in items):
             if not all(isinstance(it, dict) for it in items):
                 raise TypeError("Chunk items must be all encoded blobs (bytes) or all dicts")
             dicts = list(items)
@@ -146,6 +148,13 @@ class Chunk:
         if not self.digest:
             object.__setattr__(self, "digest", digest(self.decode()))
         return self.digest
+
+    def materialized(self) -> Chunk:
+        """This chunk with its spilled items read back (what is shipped to a worker); itself when none are."""
+        if all(type(b) is bytes for b in self.items):
+            return self
+        return Chunk(self.index, tuple(blob_bytes(b) for b in self.items), self.item_keys, digest=self.digest,
+                     lazy=True)
 
     @property
     def keys(self) -> list[str]:
@@ -171,7 +180,8 @@ class BuildPlan:
     _todo_pos: dict[int, int] | None = field(default=None, repr=False, compare=False)
 
     def release(self, i: int) -> Chunk:
-        """Chunk `i`, to be run now: its digest is computed and recorded in plan.json first.
+        """Chunk `i`, to be run now: its digest is computed and recorded in plan.json first. It comes back with its
+        items read from the listing's spill (`pipelines.engine.spill`); the plan keeps only their references.
 
         The streamed plan (bench/executors.md): `make_plan` digests only the chunks already done on disk
         (the resume decision needs those), so the first chunk can start while the driver still has the
@@ -184,7 +194,7 @@ class BuildPlan:
         """
         c = self.chunks[i]
         if c.digest:
-            return c
+            return c.materialized()
         if self._todo_pos is None:
             self._todo_pos = {j: k for k, j in enumerate(self.todo)}
         pos = self._todo_pos.get(i)
@@ -195,7 +205,7 @@ class BuildPlan:
             self.chunks[j].ensure_digest()
         self._released += len(batch)
         self._write_record()
-        return c
+        return c.materialized()
 
     def release_all(self) -> None:
         """Every chunk's digest computed and recorded (executors that hand all chunks over at once)."""
@@ -301,7 +311,7 @@ def sort_inputs(inputs: Iterable[Item]) -> list[Item]:
 class EncodedInputs:
     """A listing consumed and encoded: `(key, encode_item blob)` pairs, sorted by key, keys valid and unique."""
 
-    pairs: list[tuple[str, bytes]]
+    pairs: list[tuple[str, bytes | BlobRef]]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -325,15 +335,21 @@ def gc_paused() -> Iterator[None]:
 def encode_inputs(inputs: Iterable[Item] | EncodedInputs) -> EncodedInputs:
     """Consume a listing (any iterable, typically a builder's generator) item by item.
 
-    Each item is checked and encoded as soon as it is yielded and only `(key, blob)` is kept, so the
-    driver's memory for the listing is the blobs, never all the dicts at once. A listing that is already
+    Each item is checked and encoded as soon as it is yielded and only `(key, blob)` is kept, the blob written
+    to the listing's spill file (`pipelines.engine.spill`; a listing worker spills its own), so the driver's
+    memory for the listing is a key and a reference per input, never the dicts or the encoded items at once. A listing that is already
     encoded is returned as it is (a tool or test can list once and build several times).
     """
     if isinstance(inputs, EncodedInputs):
         return inputs
-    with gc_paused():
-        pairs = [(_checked_key({"key": it.key}), it.blob) if type(it) is EncodedItem else (_checked_key(it), encode_item(it))
-                 for it in inputs]
+    with gc_paused(), spilling() as spill:
+        pairs: list[tuple[str, bytes | BlobRef]] = []
+        for it in inputs:
+            if type(it) is EncodedItem:
+                blob = it.blob
+                pairs.append((_checked_key({"key": it.key}), blob if type(blob) is BlobRef else spill.put(blob)))
+            else:
+                pairs.append((_checked_key(it), spill.put(encode_item(it))))
         pairs.sort(key=lambda kb: kb[0])
     _check_unique([k for k, _ in pairs])
     return EncodedInputs(pairs)
@@ -346,7 +362,7 @@ def make_chunks(inputs: Sequence[Item], chunk_size: int) -> list[Chunk]:
     return [Chunk(i, tuple(inputs[s:s + chunk_size])) for i, s in enumerate(range(0, len(inputs), chunk_size))]
 
 
-def _encoded_chunks(pairs: Sequence[tuple[str, bytes]], chunk_size: int, *, lazy: bool = False) -> list[Chunk]:
+def _encoded_chunks(pairs: Sequence[tuple[str, bytes | BlobRef]], chunk_size: int, *, lazy: bool = False) -> list[Chunk]:
     """`make_chunks` over encoded pairs: each chunk's digest decodes only that chunk, one at a time
     (`lazy`: not now, when `Chunk.ensure_digest` is first called)."""
     if chunk_size < 1:

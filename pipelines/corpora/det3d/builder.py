@@ -222,9 +222,12 @@ def _file_results(kind: str, path: str, config: dict[str, Any], encode: bool = F
 
 
 def _encoded(item: Item) -> EncodedItem:
+    """The item encoded, and written to the listing's spill when one is under way (a forked listing worker then
+    sends the driver a reference, not the bytes: `pipelines.engine.spill`)."""
     from pipelines.engine.plan import encode_item
+    from pipelines.engine.spill import spilled
 
-    return EncodedItem(item["key"], encode_item(item))
+    return EncodedItem(item["key"], spilled(encode_item(item)))
 
 
 def _encoded_omni3d_item(it: dict[str, Any]) -> EncodedItem:

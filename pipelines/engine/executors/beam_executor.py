@@ -161,7 +161,7 @@ def _write_chunk_inputs(plan: BuildPlan, todo: list[int], inputs_dir: Path) -> N
     shutil.rmtree(inputs_dir, ignore_errors=True)
     inputs_dir.mkdir(parents=True)
     for i in todo:
-        (inputs_dir / f"{shard_name(i)}.chunk").write_bytes(pickle.dumps(plan.chunks[i], protocol=5))
+        (inputs_dir / f"{shard_name(i)}.chunk").write_bytes(pickle.dumps(plan.chunks[i].materialized(), protocol=5))
 
 
 def _run_pipeline(p: beam.Pipeline, plan: BuildPlan, todo: list[int], progress: Progress | None, in_process: bool,

@@ -407,7 +407,7 @@ def _run_dataset(rplan: list[dict[str, Any]], plan: BuildPlan, todo: list[int], 
     # the plan's Chunk (encoded items); the first worker decodes it (`load_state`).
     plan.release_all()  # every chunk is handed to Ray Data at once: record every digest first
     ds = ray.data.from_items(
-        [{"index": i, "state": pickle.dumps(plan.chunks[i], protocol=5), "done": ""} for i in todo],
+        [{"index": i, "state": pickle.dumps(plan.chunks[i].materialized(), protocol=5), "done": ""} for i in todo],
         override_num_blocks=len(todo))
     build_dir = str(plan.build_dir)
     last = len(rplan) - 1
