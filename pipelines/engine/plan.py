@@ -11,10 +11,12 @@ only the chunks whose items changed, and a re-run with another chunk size or con
 outputs unless `--overwrite` is given.
 
 Streaming: the listing may be any iterable (builders yield their items). Each item is validated and
-encoded into a compact blob (`encode_item`) as it arrives, so the driver never holds every input as a
-dict: a plan keeps per chunk only the keys, the blobs and the digest, and the items are decoded where
-the chunk runs (`pipelines.engine.chunk.new_state`). A det3d input costs ~1 KiB encoded against
-~7.5 KiB as a dict (bench/memory.md).
+encoded into a compact blob (`encode_item`) as it arrives and written to the listing's spill file
+(`pipelines.engine.spill`), so the driver never holds every input as a dict or as a blob: a plan keeps per
+chunk only the keys, references to the blobs and the digest; a chunk's blobs are read back when it is
+released to an executor, and the items are decoded where the chunk runs
+(`pipelines.engine.chunk.new_state`). A det3d input costs ~0.35 KiB in the plan, ~2 KiB encoded, ~7.5 KiB
+as a dict (bench/memory.md, bench/executors.md "The plan spilled").
 """
 
 from __future__ import annotations
@@ -111,8 +113,10 @@ def decoded(listing: Iterable[Item | EncodedItem]) -> Iterator[Item]:
 class Chunk:
     """Input chunk `index`: the items that make output shard `index`, held encoded until the chunk runs.
 
-    `items` are `encode_item` blobs, so a plan (and every Ray row or Beam element made from it) costs the
-    blobs, not the dicts; `decode()` gives the dicts back where the chunk is run. `item_keys` are the
+    `items` are `encode_item` blobs, or references to them in the listing's spill (`BlobRef`: the plan's
+    chunks; `materialized()` reads them back, as `BuildPlan.release` does), so a plan (and every Ray row or
+    Beam element made from it) costs the blobs, not the dicts; `decode()` gives the dicts back where the chunk
+    is run. `item_keys` are the
     items' keys in order (`keys` as a list). `digest` is `digest(list of the decoded items)`: exactly what plan.json has always
     recorded per chunk (pickle restores equal values, and the digest reads only values), so builds
     planned by earlier versions still resume. A Chunk may also be made from dicts (tests, tools): they are
