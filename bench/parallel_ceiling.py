@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     stages = [pickle.loads(pickle.dumps(s)) for s in b.stages]
     for s in stages:
         s.ensure_setup()
-    chunks = [plan.chunks[i] for i in plan.todo]
+    chunks = [plan.chunks[i].materialized() for i in plan.todo]  # the items in memory, as a worker gets them
     half = len(chunks) // 2
     _chunks_job((stages, None, chunks[:2], str(work / "warm")))  # imports, caches
     rows = []

@@ -196,9 +196,16 @@ class BuildPlan:
         (growing from one chunk to ~`RECORD_BATCH_INPUTS` inputs), so plan.json is rewritten O(n / batch)
         times and the driver never stalls the workers for long.
         """
+        self.prepare(i)
+        return self.chunks[i].materialized()
+
+    def prepare(self, i: int) -> None:
+        """What `release(i)` does first: chunk `i`'s digest (and a batch of the next to-do chunks') computed and
+        recorded in plan.json, without reading its items back for a worker (the streamed plan digests the next
+        chunk while the workers run)."""
         c = self.chunks[i]
         if c.digest:
-            return c.materialized()
+            return
         if self._todo_pos is None:
             self._todo_pos = {j: k for k, j in enumerate(self.todo)}
         pos = self._todo_pos.get(i)
@@ -209,7 +216,6 @@ class BuildPlan:
             self.chunks[j].ensure_digest()
         self._released += len(batch)
         self._write_record()
-        return c.materialized()
 
     def release_all(self) -> None:
         """Every chunk's digest computed and recorded (executors that hand all chunks over at once)."""

@@ -12,7 +12,10 @@ append-only file per process that writes to it. A listing's forked workers inher
 whole file's items never cross a pipe or sit in the driver at once. A `BlobRef` unpickled in the driver finds
 its spill again by directory. The directory is removed when the last reference to its spill goes (every
 `BlobRef` holds one), or at exit; a driver killed by SIGKILL leaves it in the temporary directory
-(`gr3d-plan-*`).
+(`gr3d-plan-*`). The directory is under `TMPDIR`: where that is a tmpfs (memory), point `TMPDIR` at a disk
+for a large build, or the items only move from the driver's heap to shared memory. The Ray Data pipeline (a
+build with a model stage on an actor pool) takes every chunk at once and holds them all encoded while it hands
+them over; the other executors read one chunk back at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,36 +36,42 @@ _ACTIVE: list[BlobSpill] = []  # the spill of the listing under way, if any (inh
 
 
 class BlobSpill:
-    """Append-only files of encoded items in a temporary directory (module docstring)."""
+    """Append-only files of encoded items in a temporary directory (module docstring). One writer thread per
+    process (a lock orders concurrent writers); a forked process writes a file of its own."""
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="gr3d-plan-")
+        self._fds = _Fds()
         self._pid = -1
-        self._fd = -1
         self._path = ""
         self._pos = 0
-        self._readers: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._lock_pid = os.getpid()
         _SPILLS[self.dir] = self
-        self._finalizer = weakref.finalize(self, _remove, self.dir, os.getpid())
+        self._finalizer = weakref.finalize(self, _remove, self.dir, os.getpid(), self._fds)
 
     def put(self, blob: bytes) -> BlobRef:
         """Write `blob` to this process's file; its reference."""
-        if self._pid != os.getpid():  # first write in this process (a forked worker gets a file of its own)
-            self._pid = os.getpid()
-            self._path = os.path.join(self.dir, f"{self._pid}.blobs")
-            self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._pos = os.lseek(self._fd, 0, os.SEEK_END)
-        off = self._pos
-        view = memoryview(blob)
-        while view:  # unbuffered: what a worker wrote is readable by the driver as soon as it sends the reference
-            view = view[os.write(self._fd, view):]
-        self._pos += len(blob)
+        if self._lock_pid != os.getpid():  # a forked process: a lock of its own (a thread may have held ours)
+            self._lock, self._lock_pid = threading.Lock(), os.getpid()
+        with self._lock:
+            if self._pid != os.getpid():  # first write in this process: a file of its own
+                self._pid = os.getpid()
+                self._path = os.path.join(self.dir, f"{self._pid}.blobs")
+                self._fds.writer = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                self._fds.writer_pid = self._pid
+                self._pos = os.lseek(self._fds.writer, 0, os.SEEK_END)
+            off = self._pos
+            view = memoryview(blob)
+            while view:  # unbuffered: a worker's item is readable by the driver as soon as it sends the reference
+                view = view[os.write(self._fds.writer, view):]
+            self._pos += len(blob)
         return BlobRef(self, self._path, off, len(blob))
 
     def read(self, path: str, off: int, n: int) -> bytes:
-        fd = self._readers.get(path)
+        fd = self._fds.readers.get(path)
         if fd is None:
-            fd = self._readers[path] = os.open(path, os.O_RDONLY)
+            fd = self._fds.readers[path] = os.open(path, os.O_RDONLY)
         data = os.pread(fd, n, off)
         if len(data) != n:
             raise OSError(f"{path}: spilled plan item cut short ({len(data)} of {n} bytes at {off})")
@@ -69,18 +79,29 @@ class BlobSpill:
 
     def close(self) -> None:
         """Close the files and remove the directory (also done when the spill is no longer referenced)."""
-        for fd in self._readers.values():
-            os.close(fd)
-        self._readers.clear()
-        if self._fd >= 0 and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd = -1
         self._finalizer()
 
 
-def _remove(path: str, owner: int) -> None:
-    if os.getpid() == owner:  # not from a forked worker that inherited the spill
-        shutil.rmtree(path, ignore_errors=True)
+class _Fds:
+    """The spill's open files, apart from it so that its finalizer can close them (an unlinked file still open
+    keeps its disk space)."""
+
+    def __init__(self) -> None:
+        self.writer = -1
+        self.writer_pid = -1
+        self.readers: dict[str, int] = {}
+
+
+def _remove(path: str, owner: int, fds: _Fds) -> None:
+    if os.getpid() != owner:  # a forked worker that inherited the spill: the driver's to remove
+        return
+    for fd in fds.readers.values():
+        os.close(fd)
+    fds.readers.clear()
+    if fds.writer >= 0 and fds.writer_pid == owner:
+        os.close(fds.writer)
+        fds.writer = -1
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class BlobRef:

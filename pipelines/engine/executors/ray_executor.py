@@ -264,7 +264,7 @@ def _run_tasks(stages: Sequence[Stage], plan: BuildPlan, todo: list[int], cpus: 
             if not pending:
                 return written
             if pos < len(todo):  # the streamed plan: digest the next chunk now, while the workers are busy
-                plan.release(todo[pos])
+                plan.prepare(todo[pos])
             ready, pending = ray.wait(pending, num_returns=1)
             written.extend(ray.get(ready))  # a failed chunk raises here (RayTaskError with its cause)
     except BaseException:
