@@ -8,12 +8,14 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pipelines.engine import spill as spill_mod
 from pipelines.engine.plan import EncodedItem, decode_item, encode_inputs, encode_item, make_plan
 from pipelines.engine.spill import BlobRef, BlobSpill, active, blob_bytes, spilled, spilling
 
@@ -143,3 +145,35 @@ def test_concurrent_writers_get_their_own_bytes() -> None:
         th.join()
     assert all(ref.read() == b for part in out for b, ref in part)
     spill.close()
+
+
+def test_a_killed_drivers_spill_is_swept_by_the_next_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL leaves a spill behind; the next spill on the machine removes it once nobody holds its lock, and
+    never a live process's."""
+    import signal
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    root = Path(__file__).resolve().parents[1]
+    code = ("import os, sys, time\n"
+            "from pipelines.engine.spill import BlobSpill\n"
+            "s = BlobSpill(); s.put(b'x' * 100); print(s.dir, flush=True); time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root), "TMPDIR": str(tmp_path)})
+    left = Path(p.stdout.readline().strip())
+    monkeypatch.setattr(spill_mod, "SWEEP_AFTER_S", 0.0)
+    live = BlobSpill()  # while the other process runs: its spill stays (its lock is held)
+    assert left.is_dir() and left.parent == tmp_path
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert left.is_dir()  # what SIGKILL leaves
+    other = BlobSpill()
+    assert not left.exists() and Path(live.dir).is_dir() and Path(other.dir).is_dir()
+    monkeypatch.setattr(spill_mod, "SWEEP_AFTER_S", 3600.0)  # a young directory is never swept, lock or not
+    young = tmp_path / "gr3d-plan-young"
+    young.mkdir()
+    (young / ".lock").touch()
+    BlobSpill().close()
+    assert young.is_dir()
+    live.close()
+    other.close()

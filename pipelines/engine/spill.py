@@ -12,7 +12,7 @@ append-only file per process that writes to it. A listing's forked workers inher
 whole file's items never cross a pipe or sit in the driver at once. A `BlobRef` unpickled in the driver finds
 its spill again by directory. The directory is removed when the last reference to its spill goes (every
 `BlobRef` holds one), or at exit; a driver killed by SIGKILL leaves it in the temporary directory
-(`gr3d-plan-*`). The directory is under `TMPDIR`: where that is a tmpfs (memory), point `TMPDIR` at a disk
+(`gr3d-plan-*`) until the next listing on the machine removes it (nobody holds its lock any more). The directory is under `TMPDIR`: where that is a tmpfs (memory), point `TMPDIR` at a disk
 for a large build, or the items only move from the driver's heap to shared memory. The Ray Data pipeline (a
 build with a model stage on an actor pool) takes every chunk at once and holds them all encoded while it hands
 them over; the other executors read one chunk back at a time.
@@ -40,8 +40,13 @@ class BlobSpill:
     process (a lock orders concurrent writers); a forked process writes a file of its own."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="gr3d-plan-")
+        import fcntl
+
+        _sweep_orphans()
+        self.dir = tempfile.mkdtemp(prefix=PREFIX)
         self._fds = _Fds()
+        self._fds.lock = os.open(os.path.join(self.dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fds.lock, fcntl.LOCK_EX)  # held while the spill lives (`_sweep_orphans`)
         self._pid = -1
         self._path = ""
         self._pos = 0
@@ -82,6 +87,48 @@ class BlobSpill:
         self._finalizer()
 
 
+PREFIX = "gr3d-plan-"
+
+
+SWEEP_AFTER_S = 60.0
+"""A spill directory younger than this is never swept (its owner may be between creating it and locking it)."""
+
+
+def _sweep_orphans() -> None:
+    """Remove the spills of drivers that died without removing theirs (SIGKILL, a crash): a `gr3d-plan-*`
+    directory in the temporary folder whose lock file nobody holds. A live spill's owner holds an exclusive
+    `flock` on it for the spill's life (its forked workers share that lock); a lock works across processes
+    and PID namespaces sharing the folder, where a PID test would not."""
+    import fcntl
+    import time
+
+    root = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(PREFIX)]
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        path = os.path.join(root, name)
+        try:
+            if now - os.stat(path).st_mtime < SWEEP_AFTER_S:
+                continue
+            fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR)
+        except OSError:  # gone meanwhile, no lock file (not a spill of ours), or not ours to open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its owner is alive
+            continue
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+LOCK_FILE = ".lock"
+
+
 class _Fds:
     """The spill's open files, apart from it so that its finalizer can close them (an unlinked file still open
     keeps its disk space)."""
@@ -89,6 +136,7 @@ class _Fds:
     def __init__(self) -> None:
         self.writer = -1
         self.writer_pid = -1
+        self.lock = -1
         self.readers: dict[str, int] = {}
 
 
@@ -102,6 +150,9 @@ def _remove(path: str, owner: int, fds: _Fds) -> None:
         os.close(fds.writer)
         fds.writer = -1
     shutil.rmtree(path, ignore_errors=True)
+    if fds.lock >= 0:  # after the removal: until then the directory is visibly in use
+        os.close(fds.lock)
+        fds.lock = -1
 
 
 class BlobRef:
